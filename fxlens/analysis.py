@@ -1,0 +1,532 @@
+"""Site discovery: find the blocks, and in each the attention, MLP and norms,
+from module provenance and dataflow only -- no table keyed by architecture.
+
+It changes nothing but `node.meta`: each site node gets
+`meta["fxlens.sites"] = [(name, Layout, edge_users)]`, and the model's shape
+(n_layers, d_model, n_heads, ...) comes back as a `ModelSpec`. Later passes
+(insert_hooks, weight processing, dumps) read those annotations.
+
+How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
+  blocks        the ModuleList whose every child owns one attention softmax
+  attn_scores   the softmax's input; pattern = the softmax
+  q / k / v     the first [b,s,h,d]-shaped value on the path from a projection
+                to the QK^T matmul's operands (q, k) or to the pattern@V matmul
+                (v); k and v may carry fewer (kv) heads
+  rot_q / rot_k the value entering QK^T when a computation (rotary) sits
+                between it and the projection
+  z             the pattern@V product
+  attn_out      the attention's output projection, followed through dropout and
+                any post-norm to the residual add; mlp_out likewise
+  resid_mid     that add, when the MLP reads it (absent for parallel blocks)
+  ln1 / ln2     the norm feeding the attention / MLP projections
+  mlp pre/post  post = the output projection's input; pre = the nearest
+                projection output it is computed from; gated MLPs
+                (post = act(gate) * up) add pre_linear = up
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .errors import UnmappableModelError
+from .graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_scale, layout_closure,
+                    linear_parts, module_path, module_paths, output_node, same_size, shape,
+                    topo_index, val, walk_back)
+from .hook_points import Layout
+from .names import block_name
+
+aten = torch.ops.aten
+
+
+@dataclass
+class BlockSpec:
+    layer: int
+    path: str
+    attn: str
+    mlp: str | None
+    ln1: str | None = None
+    ln2: str | None = None
+    ln1_post: str | None = None
+    ln2_post: str | None = None
+    parallel: bool = False
+    gated: bool = False
+    rotary: bool = False
+    moe: bool = False
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    d_head: int = 0
+    d_mlp: int | None = None
+    # nodes later passes need
+    q_proj: list = field(default_factory=list)   # projection nodes feeding q/k/v
+    o_proj: fx.Node | None = None
+    z: fx.Node | None = None
+    mlp_in_users: list = field(default_factory=list)
+    mlp_in_node: fx.Node | None = None
+
+
+@dataclass
+class ModelSpec:
+    blocks: list[BlockSpec]
+    d_model: int
+    d_vocab: int
+    norm_kinds: dict            # norm path -> "LN" | "RMS"
+    ln_final: str | None
+    embed: fx.Node | None
+    pos_embed: fx.Node | None
+    unembed: fx.Node | None
+    sites: dict                 # name -> node (before hooks are inserted)
+    notes: list = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+
+class _Sites:
+    """Collects annotations; only writes node.meta when discovery succeeded."""
+
+    def __init__(self):
+        self.found: dict[str, tuple[fx.Node, Layout, list | None]] = {}
+
+    def add(self, name: str, node: fx.Node, layout: Layout = Layout(), edge_users=None):
+        self.found[name] = (node, layout, edge_users)
+
+    def commit(self, graph: fx.Graph) -> None:
+        for n in graph.nodes:
+            n.meta.pop("fxlens.sites", None)
+        for name, (node, layout, edge) in self.found.items():
+            node.meta.setdefault("fxlens.sites", []).append((name, layout, edge))
+
+
+def _fail(what: str, found: str, missing: str) -> UnmappableModelError:
+    return UnmappableModelError(
+        f"cannot map {what}: found {found}; missing {missing}. fxlens maps decoder-only "
+        f"transformers whose blocks each hold one attention (eager softmax) and one MLP.")
+
+
+class _Graph:
+    """The graph with the symbols for batch and sequence, and shape predicates."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.order = topo_index(gm.graph)
+        ids = next(n for n in self.graph.nodes if n.op == "placeholder")
+        self.ids = ids
+        self.batch, self.seq = shape(ids)
+
+    def is_resid(self, node, d_model) -> bool:
+        s = shape(node)
+        return (s is not None and len(s) == 3 and same_size(s[0], self.batch)
+                and same_size(s[1], self.seq) and same_size(s[2], d_model))
+
+    def head_layout(self, node, d_head) -> Layout | None:
+        """Layout of a per-head value: [b,s,h,d] -> same, [b,h,s,d] -> bhsd."""
+        s = shape(node)
+        if s is None or len(s) != 4 or not same_size(s[0], self.batch) or not same_size(s[3], d_head):
+            return None
+        if same_size(s[1], self.seq) and isinstance(s[2], int):
+            return Layout("same", s[2], d_head)
+        if same_size(s[2], self.seq) and isinstance(s[1], int):
+            return Layout("bhsd", s[1], d_head)
+        return None
+
+    def heads(self, node, d_head) -> int:
+        lay = self.head_layout(node, d_head)
+        return lay.heads if lay else 0
+
+
+def _nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
+    return [n for n in graph.nodes if path in module_paths(n)]
+
+
+def _find_blocks(g: _Graph) -> list[tuple[int, str]]:
+    softmaxes = [n for n in g.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS]
+    if not softmaxes:
+        sdpa = [n for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
+        raise _fail("attention", f"{len(sdpa)} fused attention node(s) and no softmax",
+                    "an explicit attention softmax (load the model with attn_implementation='eager')")
+    lists: dict[str, set[int]] = {}
+    for n in softmaxes:
+        for p in module_paths(n):
+            parent, _, idx = p.rpartition(".")
+            if idx.isdigit():
+                lists.setdefault(parent, set()).add(int(idx))
+    if not lists:
+        raise _fail("blocks", f"{len(softmaxes)} softmax node(s) outside any module list",
+                    "a ModuleList of blocks")
+    parent = min(lists, key=lambda p: (-len(lists[p]), len(p)))
+    idxs = sorted(lists[parent])
+    if idxs != list(range(len(idxs))):
+        raise _fail("blocks", f"attention in {parent}.{idxs}", "attention in every block")
+    return [(i, f"{parent}.{i}") for i in idxs]
+
+
+def _norm_paths(graph: fx.Graph) -> dict[str, dict]:
+    norms: dict[str, dict] = {}
+    for n in graph.nodes:
+        part = n.meta.get("fxlens.norm_part")
+        if part:
+            d = norms.setdefault(n.meta["fxlens.norm"], {"kind": n.meta["fxlens.norm_kind"]})
+            d[part] = n
+    return norms
+
+
+def _norm_of(node: fx.Node, norms: dict) -> str | None:
+    """The norm module that produced `node` (through layout ops), if any."""
+    stop = walk_back(node, is_layout)[-1]
+    for p in module_paths(stop):
+        if p in norms:
+            return p
+    return None
+
+
+def _child(path: str, node: fx.Node) -> str | None:
+    """The direct child module of `path` that produced `node`."""
+    for p in module_paths(node):
+        if p.startswith(path + ".") and "." not in p[len(path) + 1:]:
+            return p
+    return None
+
+
+def _module_output(graph_nodes_of, node: fx.Node, parent: str | None) -> fx.Node:
+    """If `node` was made inside a submodule of `parent`, that submodule's output."""
+    p = module_path(node)
+    if p and p != parent and (parent is None or p.startswith(parent + ".")):
+        out = output_node(graph_nodes_of(p))
+        if out is not None:
+            return out
+    return node
+
+
+def _to_residual_add(start: fx.Node, block_nodes: set, norms: dict, nodes_of) -> tuple[fx.Node, str | None]:
+    """Follow a branch output through dropout, casts and a post-norm up to the
+    add that joins it to the residual stream. Returns (branch output, post-norm)."""
+    cur, post = start, None
+    while True:
+        users = list(cur.users)
+        if len(users) != 1 or users[0] not in block_nodes:
+            return cur, post
+        u = users[0]
+        if u.target in (aten.add.Tensor, aten.add_.Tensor):
+            return cur, post
+        norm = next((p for p in module_paths(u) if p in norms and p not in module_paths(cur)), None)
+        if norm is not None:
+            cur, post = output_node(nodes_of(norm)), norm
+            continue
+        if is_layout(u) or is_scalar_scale(u):
+            cur = u
+            continue
+        return cur, post
+
+
+def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
+            get_output_embeddings_path: str | None) -> ModelSpec:
+    g = _Graph(gm)
+    graph = g.graph
+    sites = _Sites()
+    norms = _norm_paths(graph)
+    cache: dict[str, list[fx.Node]] = {}
+
+    def nodes_of(path: str) -> list[fx.Node]:
+        if path not in cache:
+            cache[path] = _nodes_in(graph, path)
+        return cache[path]
+
+    blocks = []
+    d_model = None
+    for layer, bpath in _find_blocks(g):
+        b = _analyse_block(g, sites, layer, bpath, norms, nodes_of)
+        blocks.append(b)
+        d_model = d_model or b.d_model
+    # --- embeddings -------------------------------------------------------
+    embed = pos_embed = None
+    embeddings = [n for n in graph.nodes if n.target is aten.embedding.default
+                  and not any(p.startswith(blocks[0].path.rpartition(".")[0] + ".") for p in module_paths(n))]
+    for n in embeddings:
+        if get_input_embeddings_path and get_input_embeddings_path in module_paths(n):
+            embed = n
+    if embed is None:
+        raise _fail("embeddings", f"{len(embeddings)} embedding node(s)",
+                    f"the token embedding {get_input_embeddings_path!r}")
+    sites.add("hook_embed", embed)
+    first_in = blocks[0].resid_pre
+    for n in embeddings:
+        if n is embed or n not in ancestors(first_in):
+            continue
+        s = shape(n)
+        if s and len(s) == 3 and same_size(s[1], g.seq) and same_size(s[2], d_model):
+            pos_embed = n
+            lay = Layout("same") if same_size(s[0], g.batch) else Layout("batch")
+            sites.add("hook_pos_embed", n, lay)
+            break
+    # --- unembed and final norm ---------------------------------------------
+    unembed = None
+    for n in graph.nodes:
+        parts = linear_parts(n) if n.op == "call_function" else None
+        if parts and get_output_embeddings_path and get_output_embeddings_path in module_paths(n):
+            unembed = n
+    if unembed is None:
+        raise _fail("the unembedding", "no linear in the output embeddings module",
+                    f"a linear in {get_output_embeddings_path!r}")
+    x_in = linear_parts(unembed)[0]
+    ln_final = _norm_of(x_in, norms)
+    if ln_final is not None and any(ln_final.startswith(b.path + ".") for b in blocks):
+        ln_final = None
+    if ln_final:
+        sites.add("ln_final.hook_scale", norms[ln_final]["scale"])
+        sites.add("ln_final.hook_normalized", norms[ln_final]["normalized"])
+    sites.add("unembed.hook_in", walk_back(x_in, is_layout)[-1] if shape(x_in) and len(shape(x_in)) != 3 else x_in)
+    sites.add("unembed.hook_out", _module_output(nodes_of, unembed, ""))
+    d_vocab = shape(unembed)[-1]
+    # models that flatten [batch, pos] into one dim (OPT's MLP) get a "tokens" layout
+    tokens = g.batch * g.seq
+    for site, (node, layout, edge) in list(sites.found.items()):
+        s = shape(node)
+        if layout.kind == "same" and s and len(s) == 2 and same_size(s[0], tokens):
+            sites.found[site] = (node, Layout("tokens"), edge)
+    sites.commit(graph)
+    spec = ModelSpec(blocks=blocks, d_model=int(d_model), d_vocab=int(d_vocab),
+                     norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=ln_final,
+                     embed=embed, pos_embed=pos_embed, unembed=unembed,
+                     sites={k: v[0] for k, v in sites.found.items()})
+    return spec
+
+
+def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
+    name = lambda short: block_name(layer, short)  # noqa: E731
+    bnodes = nodes_of(bpath)
+    bset = set(bnodes)
+    softmax = [n for n in bnodes if n.target in SOFTMAX_OPS]
+    if len(softmax) != 1:
+        raise _fail(f"block {bpath}", f"{len(softmax)} attention softmax nodes", "exactly one")
+    softmax = softmax[0]
+    attn = _child(bpath, softmax)
+    anodes = nodes_of(attn)
+    aset = set(anodes)
+    inside = lambda n: n in aset  # noqa: E731
+
+    # --- attention core: scores -> softmax -> pattern @ v ---------------------
+    scores = softmax.args[0]
+    scores_mm = _nearest(scores, aset, lambda n: n.target in MATMUL_OPS, back=True)
+    z_mm = _nearest(softmax, aset, lambda n: n.target in MATMUL_OPS, back=False)
+    if scores_mm is None or z_mm is None:
+        raise _fail(f"attention {attn}", "a softmax", "the QK^T and pattern@V matmuls around it")
+    qk = scores_mm.args[1:3] if scores_mm.target is aten.baddbmm.default else scores_mm.args[:2]
+    q_op, k_op = qk
+    v_op = z_mm.args[1]
+    d_head = shape(z_mm)[-1]
+    n_heads = g.heads(z_mm, d_head)
+    if not n_heads:
+        raise _fail(f"attention {attn}", f"pattern@V of shape {shape(z_mm)}", "a [batch, head, pos, d_head] product")
+    sites.add(name("attn.hook_attn_scores"), scores, Layout("scores"))
+    sites.add(name("attn.hook_pattern"), softmax)
+    sites.add(name("attn.hook_z"), z_mm, g.head_layout(z_mm, d_head))
+
+    # --- projections and q/k/v -------------------------------------------------
+    after_softmax = {softmax} | _descendants(softmax, aset)
+    projs = [n for n in anodes if linear_parts(n) and n not in after_softmax]
+    closure = {}
+    for p in projs:
+        for n in layout_closure(_module_output(nodes_of, p, attn)):
+            closure[n] = p
+        closure[p] = p
+    anc = {r: ancestors(op, inside) | {op} for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}
+    chosen = {}
+    for role, others in (("q", "kv"), ("k", "qv"), ("v", "qk")):
+        excl = set().union(*(anc[o] for o in others))
+        cands = [n for n in closure if n in anc[role] and n not in excl and g.head_layout(n, d_head)]
+        if cands:
+            node = min(cands, key=g.order.__getitem__)
+            chosen[role] = (node, g.head_layout(node, d_head))
+            continue
+        flat = [_module_output(nodes_of, p, attn) for p in projs]
+        flat = [n for n in flat if n in anc[role] and n not in excl]
+        if len(flat) == 1 and shape(flat[0])[-1] % d_head == 0:
+            h = shape(flat[0])[-1] // d_head
+            chosen[role] = (flat[0], Layout("flat", h, d_head))
+            continue
+        raise _fail(f"attention {attn}", f"{len(projs)} projection(s)", f"the {role} value per head")
+    for role in "qkv":
+        sites.add(name(f"attn.hook_{role}"), *chosen[role])
+    n_kv = chosen["k"][1].heads
+
+    # rotary: a computation between the projection and QK^T
+    rotary = False
+    for role, op in (("q", q_op), ("k", k_op)):
+        chain = walk_back(op, lambda n: is_layout(n) or is_scalar_scale(n))
+        stop = chain[-1]
+        if stop in closure or stop is chosen[role][0]:
+            continue
+        rot = next((n for n in reversed(chain) if g.head_layout(n, d_head)), None)
+        if rot is None:
+            raise _fail(f"attention {attn}", f"a computation on {role} ({stop.name})", f"a per-head rotated {role}")
+        sites.add(name(f"attn.hook_rot_{role}"), rot, g.head_layout(rot, d_head))
+        rotary = True
+
+    # --- output projection, attn_out ---------------------------------------------
+    o_proj = _nearest(z_mm, aset, lambda n: linear_parts(n) is not None, back=False)
+    if o_proj is None:
+        raise _fail(f"attention {attn}", "pattern@V", "an output projection")
+    attn_out, ln1_post = _to_residual_add(_module_output(nodes_of, o_proj, attn), bset, norms, nodes_of)
+    d_model = shape(attn_out)[-1]
+    if not g.is_resid(attn_out, d_model):
+        raise _fail(f"attention {attn}", f"output of shape {shape(attn_out)}", "a [batch, pos, d_model] output")
+
+    # --- residual stream ---------------------------------------------------------
+    ins = [a for n in bnodes for a in n.all_input_nodes if a not in bset and g.is_resid(a, d_model)]
+    ins = list(dict.fromkeys(ins))
+    if len(ins) != 1:
+        raise _fail(f"block {bpath}", f"{len(ins)} residual inputs", "exactly one")
+    resid_pre = ins[0]
+    resid_post = output_node(bnodes)
+    if resid_post is None or not g.is_resid(resid_post, d_model):
+        raise _fail(f"block {bpath}", f"output {shape(resid_post) if resid_post else None}", "a residual output")
+
+    # --- MLP -----------------------------------------------------------------------
+    children = {}
+    for n in bnodes:
+        c = _child(bpath, n)
+        if c and c != attn and c not in norms and linear_parts(n):
+            children.setdefault(c, []).append(n)
+    if not children:
+        raise _fail(f"block {bpath}", "no linear outside the attention", "an MLP")
+    if len(children) == 1:
+        mlp = next(iter(children))
+        mnodes = nodes_of(mlp)
+    else:
+        # the MLP is not one module (OPT: fc1, act, fc2 sit in the block itself)
+        mlp = None
+        mnodes = _branch_nodes([n for ns in children.values() for n in ns], bset - aset, norms)
+    mset = set(mnodes)
+    mlp_out_raw = output_node(mnodes)
+    mlp_out, ln2_post = _to_residual_add(mlp_out_raw, bset, norms, nodes_of)
+    reading = [n for n in mnodes if linear_parts(n) and walk_back(linear_parts(n)[0], is_layout)[-1] not in mset]
+    moe = False
+    gated = False
+    d_mlp = None
+    writer = walk_back(mlp_out_raw, is_layout)[-1]
+    if linear_parts(writer) is None or not reading:
+        moe = True  # routed experts: branch sites only, no single pre/post
+    else:
+        post = walk_back(linear_parts(writer)[0], is_layout)[-1]
+        mclosure = set()
+        for r in reading:
+            mclosure |= set(layout_closure(_module_output(nodes_of, r, mlp))) | {r}
+        ins2 = [a for a in post.all_input_nodes if val(a) is not None]
+        if post.target is aten.mul.Tensor and len(ins2) == 2:
+            direct = [a for a in ins2 if walk_back(a, is_layout)[-1] in mclosure or a in mclosure]
+            if len(direct) == 1:
+                gated = True
+                up = direct[0]
+                gate_side = ins2[1 - ins2.index(up)]
+                pre = _nearest_in(gate_side, mclosure, g)
+                sites.add(name("mlp.hook_pre_linear"), up)
+        if not gated:
+            pre = _nearest_in(post, mclosure, g)
+        if pre is None:
+            raise _fail(f"MLP {mlp}", f"post activation {post.name}", "the projection it is computed from")
+        sites.add(name("mlp.hook_pre"), pre)
+        sites.add(name("mlp.hook_post"), post)
+        d_mlp = shape(post)[-1]
+
+    # --- norms feeding attention and MLP ---------------------------------------------
+    ln1 = next((nm for nm in (_norm_of(linear_parts(p)[0], norms) for p in projs) if nm), None)
+    mlp_inputs = [linear_parts(r)[0] for r in reading] or \
+        [a for n in mnodes for a in n.all_input_nodes if a not in mset and g.is_resid(a, d_model)]
+    ln2 = next((nm for nm in (_norm_of(x, norms) for x in mlp_inputs) if nm), None)
+    if ln2 == ln1:
+        ln2 = None
+    for tag, norm in (("ln1", ln1), ("ln1_post", ln1_post), ("ln2", ln2), ("ln2_post", ln2_post)):
+        if norm:
+            sites.add(name(f"{tag}.hook_scale"), norms[norm]["scale"])
+            sites.add(name(f"{tag}.hook_normalized"), norms[norm]["normalized"])
+
+    # sequential blocks: the MLP reads resid_mid = resid_pre + attn_out
+    resid_add = next(iter(attn_out.users))
+    mlp_anc = set()
+    for x in mlp_inputs:
+        mlp_anc |= ancestors(x, lambda n: n in bset) | {x}
+    parallel = resid_add not in mlp_anc
+    sites.add(name("hook_resid_pre"), resid_pre)
+    sites.add(name("hook_attn_out"), attn_out)
+    if not parallel:
+        sites.add(name("hook_resid_mid"), resid_add)
+    sites.add(name("hook_mlp_out"), mlp_out)
+    sites.add(name("hook_resid_post"), resid_post)
+
+    b = BlockSpec(layer=layer, path=bpath, attn=attn, mlp=mlp, ln1=ln1, ln2=ln2, ln1_post=ln1_post,
+                  ln2_post=ln2_post, parallel=parallel, gated=gated, rotary=rotary, moe=moe,
+                  n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=d_mlp,
+                  q_proj=projs, o_proj=o_proj, z=z_mm)
+    b.d_model = d_model
+    b.resid_pre = resid_pre
+    b.resid_mid = None if parallel else resid_add
+    b.mlp_in_node = mlp_inputs[0] if mlp_inputs else None
+    b.mlp_nodes = mset
+    return b
+
+
+def _branch_nodes(linears: list, allowed: set, norms: dict) -> list:
+    """The nodes of a branch made of loose linears: everything computed from them
+    inside the block, up to (not including) the add that joins the residual."""
+    order = {n: i for i, n in enumerate(linears[0].graph.nodes)}
+    downstream = set(linears)
+    todo = list(linears)
+    while todo:
+        for u in todo.pop().users:
+            if u in allowed and u not in downstream:
+                downstream.add(u)
+                todo.append(u)
+    out: set = set()
+    todo = list(linears)
+    while todo:
+        n = todo.pop()
+        if n in out or n not in allowed or any(p in norms for p in module_paths(n)):
+            continue
+        # an add taking a value from outside the branch joins it to the residual stream
+        if n.target in (aten.add.Tensor, aten.add_.Tensor) and any(
+                a not in downstream and a.op != "get_attr" and val(a) is not None for a in n.all_input_nodes):
+            continue
+        out.add(n)
+        todo.extend(n.users)
+    return sorted(out, key=order.__getitem__)
+
+
+def _nearest(start: fx.Node, allowed: set, pred, back: bool) -> fx.Node | None:
+    """Breadth-first nearest node satisfying `pred`, walking inputs (back) or users."""
+    frontier, seen = [start], {start}
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for m in (n.all_input_nodes if back else n.users):
+                if m in seen or m not in allowed:
+                    continue
+                if pred(m):
+                    return m
+                seen.add(m)
+                nxt.append(m)
+        frontier = nxt
+    return None
+
+
+def _descendants(node: fx.Node, allowed: set) -> set:
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in allowed and u not in out:
+                out.add(u)
+                todo.append(u)
+    return out
+
+
+def _nearest_in(node: fx.Node, targets: set, g: _Graph) -> fx.Node | None:
+    """The latest node of `targets` that `node` is computed from (or `node` itself)."""
+    if node in targets:
+        return node
+    anc = ancestors(node) & targets
+    return max(anc, key=g.order.__getitem__) if anc else None

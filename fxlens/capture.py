@@ -1,0 +1,99 @@
+"""Capture: an HF checkpoint -> an exported FX graph with dynamic batch and sequence.
+
+transformers 5 has no fx tracer and `torch.fx.symbolic_trace` fails on its
+models; `torch.export.export(strict=False)` keeps `aten.linear`,
+`aten.layer_norm`, `aten.softmax` whole and tags every node with the module
+that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import _compat
+from .errors import CaptureError
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule          # graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab]
+    hf_model: torch.nn.Module   # the original model, for self-checks and weight names
+    tokenizer: object | None
+    n_ctx: int
+    name: str
+
+
+def n_ctx_of(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
+
+
+def load_model(source, dtype=torch.float32, **hf_kwargs):
+    """Load a `PreTrainedModel` from a folder, a hub id already in the local cache,
+    or take an in-memory one. Returns (model, tokenizer or None, name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    tokenizer = hf_kwargs.pop("tokenizer", None)
+    if isinstance(source, PreTrainedModel):
+        model, name = source, getattr(source, "name_or_path", "") or type(source).__name__
+        tok_source = name if name and os.path.isdir(name) else None
+    elif isinstance(source, (str, os.PathLike)):
+        source = str(source)
+        name = source
+        if not os.path.isdir(source) and not hf_kwargs.get("gguf_file"):
+            hf_kwargs.setdefault("local_files_only", True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, attn_implementation="eager", dtype=dtype, **hf_kwargs)
+        except (OSError, ValueError) as exc:
+            raise CaptureError(
+                f"cannot load {source!r} as a causal LM: {exc}. Pass a checkpoint folder, a hub id "
+                f"that is already in the local HF cache, or a PreTrainedModel.") from exc
+        tok_source = source
+    else:
+        raise CaptureError(f"cannot load a model from {type(source).__name__}; pass a path, "
+                           f"a cached hub id or a transformers PreTrainedModel")
+    if tokenizer is None and tok_source is not None:
+        tok_kwargs = {k: hf_kwargs[k] for k in ("gguf_file", "local_files_only") if k in hf_kwargs}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
+        except Exception as exc:  # a checkpoint without tokenizer files is fine: tokens still work
+            warnings.warn(f"no tokenizer loaded from {tok_source!r} ({type(exc).__name__}); "
+                          f"pass token ids, or tokenizer=...", stacklevel=3)
+    model.eval()
+    _compat.set_eager_attention(model)
+    return model, tokenizer, name
+
+
+def export_graph(model, n_ctx: int) -> fx.GraphModule:
+    """Export `model(input_ids, use_cache=False)` with dynamic batch and sequence."""
+    batch, seq = _compat.export_dims(n_ctx)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, min(8, n_ctx)), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                model, (probe,), kwargs={"use_cache": False},
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "use_cache": None}, strict=False)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. fxlens needs a model that exports "
+            f"with dynamic batch and sequence length.") from exc
+    return _compat.plain_graph_module(ep.module())
+
+
+def capture(source, dtype=torch.float32, **hf_kwargs) -> Captured:
+    model, tokenizer, name = load_model(source, dtype=dtype, **hf_kwargs)
+    n_ctx = n_ctx_of(model.config)
+    gm = export_graph(model, n_ctx)
+    return Captured(gm=gm, hf_model=model, tokenizer=tokenizer, n_ctx=n_ctx, name=name)

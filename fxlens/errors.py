@@ -1,0 +1,56 @@
+"""Typed errors. Each says what was wrong and the way out."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class FxlensError(Exception):
+    """Base class of every error fxlens raises on purpose."""
+
+
+class CaptureError(FxlensError):
+    """The checkpoint could not be loaded or exported to a graph."""
+
+
+class UnmappableModelError(FxlensError):
+    """Site discovery found a structure it cannot map to TransformerLens sites."""
+
+
+class UnknownHookError(FxlensError, KeyError):
+    """A hook name that the model does not have."""
+
+    def __init__(self, name: str, known: list[str]):
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        super().__init__(
+            f"unknown hook name {name!r}.{hint} `model.hook_names` lists all {len(known)} names.")
+        self.name = name
+        self.closest = close
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class HookReturnError(FxlensError):
+    """A hook returned something that cannot replace the activation."""
+
+
+class ContextLengthError(FxlensError, ValueError):
+    """Input longer than the model's context."""
+
+
+class SelfCheckError(FxlensError):
+    """The instrumented graph does not reproduce the original model."""
+
+
+class ProcessingError(FxlensError):
+    """Weight processing was asked for and cannot be done."""
+
+
+class PassError(FxlensError):
+    """A compiler pass met a graph it cannot rewrite; names the pass and the node."""
+
+    def __init__(self, pass_name: str, message: str):
+        super().__init__(f"{pass_name}: {message}")
+        self.pass_name = pass_name

@@ -1,0 +1,246 @@
+"""HookedModel: the TransformerLens surface over an instrumented graph."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ActivationCache
+from .errors import ContextLengthError, FxlensError, UnknownHookError
+from .hook_points import HookPoint
+from .names import canonical_order, is_opt_in
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+class HookedModel(nn.Module):
+    """An HF model captured as a graph with TransformerLens hook points.
+
+    Built by `fxlens.from_pretrained_no_processing(...)`; see DESIGN.md for the
+    contract. `hook_dict` maps every materialised hook name to its HookPoint.
+    """
+
+    def __init__(self, gm, spec, cfg, tokenizer=None, processing=None, pass_results=()):
+        super().__init__()
+        self.graph_module = gm
+        self.spec = spec
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.processing = dict(processing or {})
+        self.pass_results = list(pass_results)
+        self._refresh_hook_dict()
+
+    # --- hook bookkeeping ---------------------------------------------------------
+    def _refresh_hook_dict(self) -> None:
+        hooks = {m.name: m for m in self.graph_module.modules() if isinstance(m, HookPoint)}
+        self.hook_dict: dict[str, HookPoint] = {k: hooks[k] for k in canonical_order(hooks)}
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every default site, in TransformerLens's order (opt-in sites once materialised)."""
+        return list(self.hook_dict)
+
+    @property
+    def mod_dict(self) -> dict[str, HookPoint]:
+        return self.hook_dict
+
+    def _hook_point(self, name: str) -> HookPoint:
+        if name not in self.hook_dict:
+            if isinstance(name, str) and is_opt_in(name):
+                self._materialise(name)
+            if name not in self.hook_dict:
+                raise UnknownHookError(name, self.hook_names)
+        return self.hook_dict[name]
+
+    def _materialise(self, name: str) -> None:
+        from fxlens.passes import materialise_opt_in
+
+        result = materialise_opt_in(self.graph_module, self.spec, name)
+        self.pass_results.append(result)
+        self._refresh_hook_dict()
+
+    def _resolve(self, name_or_filter) -> list[HookPoint]:
+        if callable(name_or_filter):
+            return [hp for n, hp in self.hook_dict.items() if name_or_filter(n)]
+        if isinstance(name_or_filter, str):
+            return [self._hook_point(name_or_filter)]
+        raise TypeError(f"a hook is named by a string or a predicate on names, not "
+                        f"{type(name_or_filter).__name__}")
+
+    def add_hook(self, name, hook: Callable, dir: str = "fwd", is_permanent: bool = False,
+                 prepend: bool = False) -> None:
+        if dir != "fwd":
+            raise FxlensError(f"add_hook: dir={dir!r}; fxlens supports forward hooks only")
+        for hp in self._resolve(name):
+            entry = (hook, is_permanent)
+            hp.fwd_hooks.insert(0, entry) if prepend else hp.fwd_hooks.append(entry)
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        for hp in self.hook_dict.values():
+            hp.fwd_hooks = [] if including_permanent else [h for h in hp.fwd_hooks if h[1]]
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+        """`with model.hooks(fwd_hooks=[(name, fn)]):` -- hooks live for the block only."""
+        if bwd_hooks:
+            raise FxlensError("bwd_hooks are not supported; use forward hooks")
+        added: list[tuple[HookPoint, tuple]] = []
+        try:
+            for name, fn in fwd_hooks:
+                for hp in self._resolve(name):
+                    entry = (fn, False)
+                    hp.fwd_hooks.append(entry)
+                    added.append((hp, entry))
+            yield self
+        finally:
+            if reset_hooks_end:
+                for hp, entry in added:
+                    with contextlib.suppress(ValueError):
+                        hp.fwd_hooks.remove(entry)
+
+    # --- running -------------------------------------------------------------------------
+    def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
+                prepend_bos: bool | None = None, padding_side: str | None = None):
+        tokens = self._as_tokens(input, prepend_bos, padding_side)
+        logits = self.graph_module(tokens)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
+
+    def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **model_kwargs):
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
+            return self(*model_args, **model_kwargs)
+
+    def _names(self, names_filter: NamesFilter) -> list[str]:
+        if names_filter is None:
+            return self.hook_names
+        if isinstance(names_filter, str):
+            self._hook_point(names_filter)
+            return [names_filter]
+        if callable(names_filter):
+            return [n for n in self.hook_names if names_filter(n)]
+        names = list(names_filter)
+        for n in names:
+            self._hook_point(n)
+        return [n for n in self.hook_names if n in set(names)]
+
+    def run_with_cache(self, *model_args, names_filter: NamesFilter = None, device=None,
+                       remove_batch_dim: bool = False, return_cache_object: bool = True,
+                       **model_kwargs):
+        names = self._names(names_filter)
+        store: dict[str, torch.Tensor] = {}
+
+        def save(tensor, hook):
+            t = tensor.detach()
+            store[hook.name] = t.to(device) if device is not None else t
+
+        with torch.no_grad():
+            out = self.run_with_hooks(*model_args, fwd_hooks=[(n, save) for n in names], **model_kwargs)
+        ordered = {n: store[n] for n in self.hook_names if n in store}
+        cache = ActivationCache(ordered, self)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        return out, (cache if return_cache_object else cache.cache_dict)
+
+    # --- tokens ---------------------------------------------------------------------------
+    def _as_tokens(self, input, prepend_bos, padding_side) -> torch.Tensor:
+        if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        elif isinstance(input, torch.Tensor):
+            tokens = input if input.dim() == 2 else input.unsqueeze(0)
+        else:
+            raise TypeError(f"input must be text, a list of texts or a token tensor, not {type(input).__name__}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise ContextLengthError(
+                f"input has {tokens.shape[-1]} tokens; {self.cfg.model_name or 'the model'} has a "
+                f"context of n_ctx={self.cfg.n_ctx}. Truncate the input (to_tokens(..., truncate=True)).")
+        if tokens.shape[-1] == 0:
+            raise ValueError("input has no tokens")
+        if (tokens.min() < 0) or (tokens.max() >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return tokens.to(self.cfg.device)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise FxlensError("this model has no tokenizer; pass token ids, or load with tokenizer=...")
+        return self.tokenizer
+
+    def _bos(self, prepend_bos: bool | None) -> bool:
+        prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        return bool(prepend) and self._need_tokenizer().bos_token_id is not None
+
+    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Text -> [batch, pos] ids. The BOS token is prepended by fxlens (never twice),
+        following TransformerLens's `default_prepend_bos`."""
+        tok = self._need_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        bos = self._bos(prepend_bos)
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if bos:
+            ids = [[tok.bos_token_id] + x for x in ids]
+        if truncate:
+            ids = [x[: self.cfg.n_ctx] for x in ids]
+        width = max(len(x) for x in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        side = padding_side or getattr(tok, "padding_side", "right") or "right"
+        rows = [(x + [pad] * (width - len(x))) if side == "right" else ([pad] * (width - len(x)) + x) for x in ids]
+        out = torch.tensor(rows, dtype=torch.long)
+        return out.to(self.cfg.device) if move_to_device else out
+
+    def to_string(self, tokens):
+        tok = self._need_tokenizer()
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2:
+            return [tok.decode(t) for t in tokens]
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 0:
+            tokens = tokens.unsqueeze(0)
+        return tok.decode(tokens)
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None) -> list[str]:
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        elif isinstance(input, torch.Tensor):
+            tokens = input.squeeze(0) if input.dim() == 2 else input
+            if tokens.dim() != 1:
+                raise ValueError("to_str_tokens takes one sequence; index a batch first")
+        else:
+            tokens = torch.tensor(input)
+        return [self._need_tokenizer().decode([int(t)]) for t in tokens]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one")
+        return int(tokens[0])
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"HookedModel({c.model_name!r}: {c.n_layers} layers, d_model={c.d_model}, "
+                f"{c.n_heads} heads, {len(self.hook_dict)} hooks)")
+
+
+def lm_cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False):
+    """Next-token cross-entropy: position i predicts token i+1. [batch, pos-1] per token."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+    return nll if per_token else nll.mean()
+
+
+def warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)

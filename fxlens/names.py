@@ -1,0 +1,93 @@
+"""Canonical TransformerLens hook names, built in one place.
+
+A site is named by a *short* name relative to its block ("attn.hook_q") or a
+global one ("hook_embed"). The lists below are in TransformerLens's execution
+order, which is also the order of keys in an ActivationCache.
+"""
+
+from __future__ import annotations
+
+EMBED_SITES = ("hook_embed", "hook_pos_embed")
+
+BLOCK_SITES = (
+    "hook_resid_pre",
+    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+    "ln1.hook_scale", "ln1.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "ln1_post.hook_scale", "ln1_post.hook_normalized",
+    "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
+    "ln2.hook_scale", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "ln2_post.hook_scale", "ln2_post.hook_normalized",
+    "hook_mlp_out", "hook_resid_post",
+)
+
+FINAL_SITES = ("ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
+
+# Sites TransformerLens only has when a config flag is set; fxlens materialises
+# them the first time a user asks for one by name.
+OPT_IN_SITES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+                "attn.hook_result", "hook_mlp_in")
+
+
+def block_name(layer: int, short: str) -> str:
+    return f"blocks.{layer}.{short}"
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """'blocks.3.attn.hook_q' -> (3, 'attn.hook_q'); 'hook_embed' -> (None, 'hook_embed')."""
+    if name.startswith("blocks."):
+        _, layer, short = name.split(".", 2)
+        return int(layer), short
+    return None, name
+
+
+def is_opt_in(name: str) -> bool:
+    return split_name(name)[1] in OPT_IN_SITES
+
+
+def canonical_order(names) -> list[str]:
+    """Sort hook names into TransformerLens execution order."""
+    rank_block = {s: i for i, s in enumerate(BLOCK_SITES)}
+    rank_embed = {s: i for i, s in enumerate(EMBED_SITES)}
+    rank_final = {s: i for i, s in enumerate(FINAL_SITES)}
+
+    def key(name):
+        layer, short = split_name(name)
+        if layer is not None:
+            return (1, layer, rank_block.get(short, len(rank_block)), short)
+        if short in rank_embed:
+            return (0, 0, rank_embed[short], short)
+        return (2, 0, rank_final.get(short, len(rank_final)), short)
+
+    return sorted(names, key=key)
+
+
+# TransformerLens's aliases for `cache["pattern", 0]`-style keys.
+_ACT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q",
+                "value": "v", "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_ATTN_ACTS = {"k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"}
+_MLP_ACTS = {"pre", "post", "mid", "pre_linear"}
+_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+
+
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """Full hook name from TransformerLens's short form: ('resid_post', 3) ->
+    'blocks.3.hook_resid_post', ('scale', 2, 'ln1') -> 'blocks.2.ln1.hook_scale'."""
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    name = _ACT_ALIASES.get(name, name)
+    full = f"blocks.{layer}." if layer is not None else ""
+    if name in _ATTN_ACTS:
+        layer_type = "attn"
+    elif name in _MLP_ACTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full

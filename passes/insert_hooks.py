@@ -1,0 +1,86 @@
+"""insert_hooks: materialise a HookPoint after every annotated site node.
+
+Matches  nodes with `meta["fxlens.sites"]`: [(name, Layout, edge_users | None)]
+         written by site discovery (or by the opt-in pass).
+Rewrites x -> users   becomes   x -> hook(name) -> users
+         (several sites on one node chain in canonical order, e.g.
+         blocks.0.hook_resid_post then blocks.1.hook_resid_pre; a site limited
+         to some users, like hook_mlp_in, rewires only those edges).
+Requires site discovery.
+Invariant: every annotated site has exactly one HookPoint node in the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxlens.errors import PassError
+from fxlens.hook_points import HookPoint
+from fxlens.names import canonical_order
+from fxlens.passes_base import PassResult
+
+NAME = "insert_hooks"
+CONTAINER = "fxlens_hooks"
+
+
+def hook_target(name: str) -> str:
+    return f"{CONTAINER}.{name.replace('.', '__')}"
+
+
+def _batch_node(graph: fx.Graph) -> fx.Node:
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[1] == 0 \
+                and n.args[0].op == "placeholder":
+            return n
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(ids):
+        return graph.call_function(torch.ops.aten.sym_size.int, (ids, 0))
+
+
+def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult:
+    graph = gm.graph
+    if not hasattr(gm, CONTAINER):
+        gm.add_module(CONTAINER, torch.nn.Module())
+    existing = {n.meta["fxlens.site"] for n in graph.nodes if "fxlens.site" in n.meta}
+    inserted = 0
+    for node in list(graph.nodes):
+        sites = node.meta.get("fxlens.sites")
+        if not sites:
+            continue
+        by_name = {s[0]: s for s in sites}
+        todo = [by_name[n] for n in canonical_order(by_name) if n not in existing
+                and (only is None or n in only)]
+        if not todo:
+            continue
+        # the node's consumers before hooks: chained hooks pass the value along
+        cur = node
+        for name, layout, edge_users in todo:
+            users = [u for u in cur.users] if edge_users is None else \
+                [u for u in edge_users if u in cur.users]
+            gm.get_submodule(CONTAINER).add_module(name.replace(".", "__"), HookPoint(name, layout))
+            args = (cur,)
+            if layout.needs_batch:
+                args = (cur, _batch_node(graph))
+            with graph.inserting_after(cur if cur.op != "placeholder" else _last_placeholder(graph)):
+                h = graph.call_module(hook_target(name), args)
+            h.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+            h.meta["fxlens.site"] = name
+            h.meta["fxlens.created_by"] = NAME
+            for u in users:
+                u.replace_input_with(cur, h)
+            if edge_users is None:
+                cur = h
+            inserted += 1
+    # invariant: each site name appears on exactly one hook node
+    names = [n.meta["fxlens.site"] for n in graph.nodes if "fxlens.site" in n.meta]
+    if len(names) != len(set(names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise PassError(NAME, f"sites hooked twice: {dup}")
+    graph.lint()
+    gm.recompile()
+    return PassResult(NAME, matched=inserted)
+
+
+def _last_placeholder(graph: fx.Graph) -> fx.Node:
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
