@@ -73,7 +73,7 @@ def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, s
     if self_check:
         _self_check(gm, hf, cap.n_ctx, ctx.spec.d_vocab)
     device = device or next(hf.parameters()).device
-    cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device)
+    cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
     if default_prepend_bos is not None:
         cfg.default_prepend_bos = default_prepend_bos
     model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer,

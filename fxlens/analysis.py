@@ -139,6 +139,16 @@ class _Graph:
         return lay.heads if lay else 0
 
 
+def residual_layout(graph: fx.Graph, node: fx.Node, layout: Layout = Layout()) -> Layout:
+    """Models that flatten [batch, pos] into one dim (OPT's MLP) get a "tokens" layout."""
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    batch, seq = shape(ids)
+    s = shape(node)
+    if layout.kind == "same" and s and len(s) == 2 and same_size(s[0], batch * seq):
+        return Layout("tokens")
+    return layout
+
+
 def _nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
     return [n for n in graph.nodes if path in module_paths(n)]
 
@@ -282,12 +292,8 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     sites.add("unembed.hook_in", walk_back(x_in, is_layout)[-1] if shape(x_in) and len(shape(x_in)) != 3 else x_in)
     sites.add("unembed.hook_out", _module_output(nodes_of, unembed, ""))
     d_vocab = shape(unembed)[-1]
-    # models that flatten [batch, pos] into one dim (OPT's MLP) get a "tokens" layout
-    tokens = g.batch * g.seq
     for site, (node, layout, edge) in list(sites.found.items()):
-        s = shape(node)
-        if layout.kind == "same" and s and len(s) == 2 and same_size(s[0], tokens):
-            sites.found[site] = (node, Layout("tokens"), edge)
+        sites.found[site] = (node, residual_layout(gm.graph, node, layout), edge)
     sites.commit(graph)
     spec = ModelSpec(blocks=blocks, d_model=int(d_model), d_vocab=int(d_vocab),
                      norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=ln_final,

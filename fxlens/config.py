@@ -54,14 +54,16 @@ def _first(config, *keys):
     return None
 
 
-def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device) -> FxlensConfig:
+def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str | None = None) -> FxlensConfig:
     b0 = spec.blocks[0]
     kinds = {spec.norm_kinds[p] for p in spec.norm_kinds}
     norm = next(iter(kinds)) if len(kinds) == 1 else (sorted(kinds)[0] if kinds else None)
     rotary_dim = None
     if b0.rotary:
-        factor = _first(hf_config, "partial_rotary_factor", "rotary_pct")
-        rotary_dim = int(b0.d_head * factor) if factor else b0.d_head
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+        factor = factor or _first(hf_config, "partial_rotary_factor", "rotary_pct")
+        rotary_dim = _first(hf_config, "rotary_dim") or (int(b0.d_head * factor) if factor else b0.d_head)
     eps = _first(hf_config, "layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "norm_eps")
     archs = getattr(hf_config, "architectures", None)
     return FxlensConfig(
@@ -73,7 +75,7 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device) -> Fxlens
         positional_embedding_type="rotary" if b0.rotary else ("standard" if spec.pos_embed is not None else "none"),
         rotary_dim=rotary_dim, parallel_attn_mlp=b0.parallel, gated_mlp=b0.gated,
         use_normalization_before_and_after=bool(b0.ln1_post or b0.ln2_post),
-        eps=eps, original_architecture=archs[0] if archs else type(hf_config).__name__,
+        eps=eps, original_architecture=arch or (archs[0] if archs else type(hf_config).__name__),
         model_name=name, final_rms=spec.ln_final is not None and spec.norm_kinds.get(spec.ln_final) == "RMS",
         dtype=dtype, device=str(device), num_experts=_first(hf_config, "num_local_experts", "num_experts") if b0.moe else None,
     )

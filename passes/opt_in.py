@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from fxlens.analysis import residual_layout
 from fxlens.errors import FxlensError
 from fxlens.graph import is_layout, linear_parts, module_paths, shape, walk_back
 from fxlens.hook_points import Layout
@@ -65,7 +66,6 @@ def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
         w_o = _per_head_w_o(graph, o, b.n_heads, b.d_head)
         # result[b, s, h, m] = sum_d z[b, s, h, d] W_O[h, d, m]
         result = graph.call_function(aten.einsum.default, ("bshd,hdm->bshm", [z, w_o]))
-    with graph.inserting_after(result):
         summed = graph.call_function(aten.sum.dim_IntList, (result, [2]))
         new_out = summed
         if bias is not None:
@@ -90,14 +90,14 @@ def materialise_opt_in(gm: fx.GraphModule, spec, name: str) -> PassResult:
         if b.ln2 is not None:
             norm_nodes = [n for n in gm.graph.nodes if b.ln2 in module_paths(n)]
             inner = set(norm_nodes)
-            feed = [a for n in norm_nodes for a in n.all_input_nodes if a not in inner and shape(a)
-                    and len(shape(a)) == 3]
+            feed = [a for n in norm_nodes for a in n.all_input_nodes
+                    if a not in inner and a.op != "get_attr" and shape(a) and len(shape(a)) >= 2]
             src = feed[0]
             users = [u for u in src.users if u in inner]
         else:
             src = b.mlp_in_node
             users = [u for u in src.users if u in b.mlp_nodes]
-        _annotate(src, name, Layout(), users)
+        _annotate(src, name, residual_layout(gm.graph, src), users)
     else:
         raise OptInError(
             f"{NAME}: {name} is not available yet: fxlens materialises attn.hook_result and "

@@ -1,0 +1,49 @@
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxlens
+
+DATA = Path(__file__).parent / "data"
+ORACLE_ARCHS = ["gpt2", "gpt_neox", "llama", "opt"]
+
+# TransformerLens agrees with HF to <= 2e-5 on logits and <= 1e-4 on the
+# residual stream (tests/data/ORACLE.md); 1e-4 of each tensor's largest
+# magnitude separates float32 rounding from a real mistake (a wrong rotary
+# pairing moves llama's logits by 9).
+RTOL = 1e-4
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| over finite reference entries, relative to max |want|."""
+    finite = torch.isfinite(want)
+    scale = want[finite].abs().max().clamp_min(1e-12)
+    return ((got - want).abs()[finite].max() / scale).item()
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_model(arch: str):
+    return fxlens.from_pretrained_no_processing(DATA / "models" / arch)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(arch: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(DATA / "models" / arch, attn_implementation="eager").eval()
+
+
+def oracle(arch: str, what: str) -> dict:
+    return load_file(DATA / "ref" / arch / f"{what}.safetensors")
+
+
+def oracle_hooks(arch: str, mode: str = "raw") -> dict:
+    return json.loads((DATA / "ref" / arch / "hooks.json").read_text())["modes"][mode]
+
+
+@pytest.fixture(params=ORACLE_ARCHS)
+def arch(request):
+    return request.param
