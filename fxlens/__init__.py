@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .cache import ActivationCache
@@ -17,7 +19,8 @@ __all__ = ["from_pretrained", "from_pretrained_no_processing", "HookedModel", "A
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
            "HookReturnError", "ContextLengthError", "SelfCheckError", "ProcessingError", "PassError"]
 
-PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                    "refactor_factored_attn_matrices")
 _HF_KWARGS = {"gguf_file", "revision", "trust_remote_code", "cache_dir", "local_files_only",
               "subfolder", "token", "tokenizer"}
 
@@ -36,20 +39,56 @@ def _module_path(model: torch.nn.Module, module) -> str | None:
     return None
 
 
-def _self_check(gm, hf_model, n_ctx: int, d_vocab: int) -> float:
+def _self_check(gm, hf_model, n_ctx: int, d_vocab: int, compare_log_probs: bool) -> float:
+    """Refuse a graph whose outputs differ from the original model's on a probe.
+    With center_unembed on, logits move by a per-position constant, so
+    log-probs are compared instead."""
     probe = torch.randint(0, d_vocab, (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
     probe = probe.to(next(hf_model.parameters()).device)
     with torch.no_grad():
-        want = hf_model(probe, use_cache=False).logits
-        got = gm(probe)
+        want = hf_model(probe, use_cache=False).logits.float()
+        got = gm(probe).float()
+    if compare_log_probs:
+        want, got = want.log_softmax(-1), got.log_softmax(-1)
     err = (got - want).abs().max().item()
     scale = max(want.abs().max().item(), 1.0)
     if not err <= SELF_CHECK_RTOL * scale:
+        what = "log-probs" if compare_log_probs else "logits"
         raise SelfCheckError(
-            f"the instrumented graph's logits differ from the original model's by {err:.3g} "
-            f"(largest logit {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
-            f"Please report this model; meanwhile use the HF model directly.")
+            f"the instrumented graph's {what} differ from the original model's by {err:.3g} "
+            f"(largest {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
+            f"Turn processing flags off to find the pass at fault, and please report the model.")
     return err
+
+
+def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend_bos, on_pass,
+           hf_kwargs) -> HookedModel:
+    unknown = set(hf_kwargs) - _HF_KWARGS
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {sorted(unknown)}; fxlens takes "
+                        f"{sorted(_HF_KWARGS | {'device', 'dtype', 'self_check', 'default_prepend_bos'} | set(PROCESSING_FLAGS))}")
+    if any(flags.values()) and dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(f"processing weights in {dtype} loses precision; load in float32 and "
+                      f"convert afterwards if you need exact folding", stacklevel=3)
+    cap = capture(source, dtype=dtype, **hf_kwargs)
+    hf = cap.hf_model
+    ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
+                  unembed_path=_module_path(hf, hf.get_output_embeddings()), flags=dict(flags))
+    gm = run_pipeline(cap.gm, ctx, on_pass=on_pass)
+    for reason in ctx.log.skipped:
+        warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
+    if self_check:
+        _self_check(gm, hf, cap.n_ctx, ctx.spec.d_vocab, compare_log_probs=bool(flags.get("center_unembed")))
+    device = device or next(hf.parameters()).device
+    cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
+    if ctx.log.get("fold_ln") and cfg.normalization_type in ("LN", "RMS"):
+        cfg.normalization_type += "Pre"
+    if default_prepend_bos is not None:
+        cfg.default_prepend_bos = default_prepend_bos
+    model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer, processing=ctx.log,
+                        pass_results=ctx.results)
+    model.hf_config = hf.config
+    return model.to(device)
 
 
 def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, self_check: bool = True,
@@ -61,36 +100,20 @@ def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, s
     `PreTrainedModel`. Extra keywords go to `from_pretrained` (`gguf_file`,
     `revision`, ...) or set the tokenizer (`tokenizer=`).
     """
-    unknown = set(hf_kwargs) - _HF_KWARGS
-    if unknown:
-        raise TypeError(f"unknown keyword(s) {sorted(unknown)}; fxlens takes "
-                        f"{sorted(_HF_KWARGS | {'device', 'dtype', 'self_check', 'default_prepend_bos'})}")
-    cap = capture(source, dtype=dtype, **hf_kwargs)
-    hf = cap.hf_model
-    ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
-                  unembed_path=_module_path(hf, hf.get_output_embeddings()))
-    gm = run_pipeline(cap.gm, ctx, on_pass=on_pass)
-    if self_check:
-        _self_check(gm, hf, cap.n_ctx, ctx.spec.d_vocab)
-    device = device or next(hf.parameters()).device
-    cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
-    if default_prepend_bos is not None:
-        cfg.default_prepend_bos = default_prepend_bos
-    model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer,
-                        processing={f: False for f in PROCESSING_FLAGS}, pass_results=ctx.results)
-    model.hf_config = hf.config
-    return model.to(device)
+    flags = {f: False for f in PROCESSING_FLAGS}
+    return _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
 
 
 def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: bool = True,
-                    center_unembed: bool = True, fold_value_biases: bool = True, **kwargs) -> HookedModel:
-    """TransformerLens's default: weights processed. Not built yet: ask for no
-    processing with `from_pretrained_no_processing` (or all four flags False)."""
-    asked = {k: v for k, v in dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                                    center_unembed=center_unembed,
-                                    fold_value_biases=fold_value_biases).items() if v}
-    if asked:
-        raise ProcessingError(
-            f"weight processing ({', '.join(asked)}) is not available yet in this fxlens; "
-            f"use fxlens.from_pretrained_no_processing(...) or pass these flags as False")
-    return from_pretrained_no_processing(source, **kwargs)
+                    center_unembed: bool = True, fold_value_biases: bool = True,
+                    refactor_factored_attn_matrices: bool = False, device=None, dtype=torch.float32,
+                    self_check: bool = True, default_prepend_bos: bool | None = None, on_pass=None,
+                    **hf_kwargs) -> HookedModel:
+    """Instrument with TransformerLens's weight processing (its defaults: the four
+    flags on). Each flag is a compiler pass; one that cannot apply to part of
+    the model is skipped there with a warning, and `model.processing` records
+    what was applied and which parameters each pass changed."""
+    flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                 center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                 refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    return _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)

@@ -59,12 +59,19 @@ class BlockSpec:
     n_kv_heads: int = 0
     d_head: int = 0
     d_mlp: int | None = None
+    d_model: int = 0
     # nodes later passes need
-    q_proj: list = field(default_factory=list)   # projection nodes feeding q/k/v
+    projections: list = field(default_factory=list)  # linears feeding q/k/v
+    qkv: dict = field(default_factory=dict)           # "q"|"k"|"v" -> (site node, projection)
     o_proj: fx.Node | None = None
     z: fx.Node | None = None
-    mlp_in_users: list = field(default_factory=list)
+    mlp_proj: dict = field(default_factory=dict)      # "pre"|"pre_linear" -> (site node, projection)
+    writer: fx.Node | None = None                     # the MLP's output projection
+    post: fx.Node | None = None
+    resid_pre: fx.Node | None = None
+    resid_mid: fx.Node | None = None
     mlp_in_node: fx.Node | None = None
+    mlp_nodes: set = field(default_factory=set)
 
 
 @dataclass
@@ -358,6 +365,7 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
         raise _fail(f"attention {attn}", f"{len(projs)} projection(s)", f"the {role} value per head")
     for role in "qkv":
         sites.add(name(f"attn.hook_{role}"), *chosen[role])
+    qkv = {role: (chosen[role][0], closure[chosen[role][0]]) for role in "qkv"}
     n_kv = chosen["k"][1].heads
 
     # rotary: a computation between the projection and QK^T
@@ -414,14 +422,17 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     moe = False
     gated = False
     d_mlp = None
+    post = None
+    mlp_proj = {}
     writer = walk_back(mlp_out_raw, is_layout)[-1]
     if linear_parts(writer) is None or not reading:
         moe = True  # routed experts: branch sites only, no single pre/post
     else:
         post = walk_back(linear_parts(writer)[0], is_layout)[-1]
-        mclosure = set()
+        mclosure = {}
         for r in reading:
-            mclosure |= set(layout_closure(_module_output(nodes_of, r, mlp))) | {r}
+            mclosure.update({n: r for n in layout_closure(_module_output(nodes_of, r, mlp))})
+            mclosure[r] = r
         ins2 = [a for a in post.all_input_nodes if val(a) is not None]
         if post.target is aten.mul.Tensor and len(ins2) == 2:
             direct = [a for a in ins2 if walk_back(a, is_layout)[-1] in mclosure or a in mclosure]
@@ -431,12 +442,15 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
                 gate_side = ins2[1 - ins2.index(up)]
                 pre = _nearest_in(gate_side, mclosure, g)
                 sites.add(name("mlp.hook_pre_linear"), up)
+                up_src = up if up in mclosure else walk_back(up, is_layout)[-1]
+                mlp_proj["pre_linear"] = (up, mclosure[up_src])
         if not gated:
             pre = _nearest_in(post, mclosure, g)
         if pre is None:
             raise _fail(f"MLP {mlp}", f"post activation {post.name}", "the projection it is computed from")
         sites.add(name("mlp.hook_pre"), pre)
         sites.add(name("mlp.hook_post"), post)
+        mlp_proj["pre"] = (pre, mclosure[pre])
         d_mlp = shape(post)[-1]
 
     # --- norms feeding attention and MLP ---------------------------------------------
@@ -467,12 +481,10 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     b = BlockSpec(layer=layer, path=bpath, attn=attn, mlp=mlp, ln1=ln1, ln2=ln2, ln1_post=ln1_post,
                   ln2_post=ln2_post, parallel=parallel, gated=gated, rotary=rotary, moe=moe,
                   n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=d_mlp,
-                  q_proj=projs, o_proj=o_proj, z=z_mm)
-    b.d_model = d_model
-    b.resid_pre = resid_pre
-    b.resid_mid = None if parallel else resid_add
-    b.mlp_in_node = mlp_inputs[0] if mlp_inputs else None
-    b.mlp_nodes = mset
+                  d_model=d_model, projections=projs, qkv=qkv, o_proj=o_proj, z=z_mm,
+                  mlp_proj=mlp_proj, writer=None if moe else writer, post=post,
+                  resid_pre=resid_pre, resid_mid=None if parallel else resid_add,
+                  mlp_in_node=mlp_inputs[0] if mlp_inputs else None, mlp_nodes=mset)
     return b
 
 
@@ -534,5 +546,5 @@ def _nearest_in(node: fx.Node, targets: set, g: _Graph) -> fx.Node | None:
     """The latest node of `targets` that `node` is computed from (or `node` itself)."""
     if node in targets:
         return node
-    anc = ancestors(node) & targets
+    anc = ancestors(node) & set(targets)
     return max(anc, key=g.order.__getitem__) if anc else None

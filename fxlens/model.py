@@ -14,11 +14,12 @@ from .cache import ActivationCache
 from .errors import ContextLengthError, FxlensError, UnknownHookError
 from .hook_points import HookPoint
 from .names import canonical_order, is_opt_in
+from .weights import WeightsMixin
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
-class HookedModel(nn.Module):
+class HookedModel(WeightsMixin, nn.Module):
     """An HF model captured as a graph with TransformerLens hook points.
 
     Built by `fxlens.from_pretrained_no_processing(...)`; see DESIGN.md for the
@@ -31,7 +32,7 @@ class HookedModel(nn.Module):
         self.spec = spec
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.processing = dict(processing or {})
+        self.processing = processing
         self.pass_results = list(pass_results)
         self._refresh_hook_dict()
 

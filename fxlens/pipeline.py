@@ -1,8 +1,12 @@
-"""The compiler pipeline: a visible tuple of passes run by one loop.
+"""The compiler pipeline: visible tuples of passes run by one loop.
+
+    FRONT       expose_norms, discover_sites
+    PROCESSING  fold_ln, center_writing_weights, center_unembed, fold_value_biases
+                (each only when its flag is on; TransformerLens's order)
+    BACK        insert_hooks
 
 After each pass the loop lints the graph and calls `on_pass(name, gm, result)`
-(where per-pass dumps come from). Weight processing passes join the tuple when
-asked for.
+(where per-pass dumps come from).
 """
 
 from __future__ import annotations
@@ -12,16 +16,24 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxlens.analysis import ModelSpec, analyse
+from fxlens.params import ProcessingLog
+from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
+                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices)
 from fxlens.passes_base import PassResult
-from fxlens.passes import expose_norms, insert_hooks
+from fxlens.weights import column_maps
 
 
 @dataclass
 class Context:
     embed_path: str | None
     unembed_path: str | None
+    flags: dict = field(default_factory=dict)
     spec: ModelSpec | None = None
+    log: ProcessingLog = field(default_factory=ProcessingLog)
     results: list = field(default_factory=list)
+
+    def maps(self, gm):
+        return column_maps(gm, self.spec)
 
 
 def discover_sites(gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -31,18 +43,36 @@ def discover_sites(gm: fx.GraphModule, ctx: Context) -> PassResult:
                       details={"blocks": ctx.spec.n_layers})
 
 
-PIPELINE = (
+FRONT = (
     ("expose_norms", lambda gm, ctx: expose_norms(gm)),
     ("discover_sites", discover_sites),
+)
+PROCESSING = (
+    ("fold_ln", lambda gm, ctx: fold_ln(gm, ctx.spec, ctx.log)),
+    ("center_writing_weights", lambda gm, ctx: center_writing_weights(gm, ctx.spec, ctx.log)),
+    ("center_unembed", lambda gm, ctx: center_unembed(gm, ctx.spec, ctx.log)),
+    ("fold_value_biases", lambda gm, ctx: fold_value_biases(gm, ctx.spec, ctx.log, ctx.maps(gm))),
+    ("refactor_factored_attn_matrices",
+     lambda gm, ctx: refactor_factored_attn_matrices(gm, ctx.spec, ctx.log, ctx.maps(gm))),
+)
+BACK = (
     ("insert_hooks", lambda gm, ctx: insert_hooks(gm)),
 )
 
 
-def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=PIPELINE, on_pass=None) -> fx.GraphModule:
-    for name, fn in pipeline:
+def build_pipeline(flags: dict) -> tuple:
+    return FRONT + tuple(p for p in PROCESSING if flags.get(p[0])) + BACK
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None) -> fx.GraphModule:
+    for name, fn in pipeline or build_pipeline(ctx.flags):
         result = fn(gm, ctx)
         gm.graph.lint()
         ctx.results.append(result)
+        if name in ctx.flags:
+            ctx.log.applied[name] = result.matched > 0 or not result.skipped
         if on_pass is not None:
             on_pass(name, gm, result)
+    for flag in ctx.flags:
+        ctx.log.applied.setdefault(flag, False)
     return gm

@@ -4,8 +4,14 @@ Installed as `fxlens.passes` (see pyproject.toml); the folder lives at the top
 of the repository as the brief asks.
 """
 
+from .center_unembed import center_unembed
+from .center_writing_weights import center_writing_weights
 from .expose_norms import expose_norms
+from .fold_ln import fold_ln
+from .fold_value_biases import fold_value_biases
 from .insert_hooks import insert_hooks
 from .opt_in import materialise_opt_in
+from .refactor_attn import refactor_factored_attn_matrices
 
-__all__ = ["expose_norms", "insert_hooks", "materialise_opt_in"]
+__all__ = ["expose_norms", "insert_hooks", "materialise_opt_in", "fold_ln", "center_writing_weights",
+           "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices"]

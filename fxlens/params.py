@@ -1,0 +1,138 @@
+"""Reading and rewriting the parameters a graph uses.
+
+The captured graph shares its parameter tensors with the HF model, so a pass
+never edits a tensor in place: it installs a new Parameter, and where one
+`get_attr` feeds several ops (tied embeddings) it gives the rewritten op a
+parameter of its own. Every change is recorded on the get_attr node
+(`meta["fxlens.changed_by"]`) and in the ProcessingLog.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .graph import linear_parts
+
+aten = torch.ops.aten
+
+
+@dataclass
+class ProcessingLog:
+    """What weight processing did: flags applied, parameters changed, rewrites skipped."""
+
+    applied: dict = field(default_factory=dict)
+    changed: dict = field(default_factory=dict)   # parameter target -> [pass names]
+    skipped: list = field(default_factory=list)   # "pass: reason"
+
+    def record(self, target: str, pass_name: str) -> None:
+        passes = self.changed.setdefault(target, [])
+        if pass_name not in passes:
+            passes.append(pass_name)
+
+    def __getitem__(self, flag: str) -> bool:
+        return self.applied[flag]
+
+    def get(self, flag: str, default=None):
+        return self.applied.get(flag, default)
+
+    def __iter__(self):
+        return iter(self.applied)
+
+    def items(self):
+        return self.applied.items()
+
+    def __repr__(self) -> str:
+        return (f"ProcessingLog(applied={self.applied}, {len(self.changed)} parameters changed, "
+                f"skipped={self.skipped})")
+
+
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), gm)
+
+
+def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Tensor,
+              pass_name: str, log: ProcessingLog | None) -> fx.Node:
+    """Make `user` read `value` where it read the get_attr `node`. Returns the
+    get_attr node now feeding `user` (a new one if `node` had other users)."""
+    value = torch.nn.Parameter(value.detach().clone(), requires_grad=False)
+    prefix, _, attr = node.target.rpartition(".")
+    owner = gm.get_submodule(prefix) if prefix else gm
+    if len(node.users) == 1:
+        if attr not in owner._parameters:   # a buffer or plain tensor attribute
+            delattr(owner, attr)
+        owner._parameters[attr] = value
+        target = node.target
+    else:
+        # the get_attr feeds other ops too (tied weights): give `user` its own
+        n = 0
+        while hasattr(owner, f"{attr}_{pass_name}{n or ''}"):
+            n += 1
+        attr = f"{attr}_{pass_name}{n or ''}"
+        owner.register_parameter(attr, value)
+        target = f"{prefix + '.' if prefix else ''}{attr}"
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(target)
+        new.meta.update({k: v for k, v in node.meta.items() if k != "fxlens.changed_by"})
+        new.meta["fxlens.changed_by"] = list(node.meta.get("fxlens.changed_by", []))
+        user.replace_input_with(node, new)
+        node = new
+    node.meta.setdefault("fxlens.changed_by", []).append(pass_name)
+    if log is not None:
+        log.record(target, pass_name)
+    return node
+
+
+@dataclass
+class Linear:
+    """A linear op of the graph with its weight in HF's [out, in] convention,
+    whatever its storage (`aten.linear` [out, in]; GPT-2 Conv1D `addmm` [in, out])."""
+
+    node: fx.Node
+
+    @property
+    def parts(self):
+        return linear_parts(self.node)
+
+    @property
+    def transposed(self) -> bool:
+        return self.node.target is aten.addmm.default
+
+    def weight(self, gm) -> torch.Tensor:
+        w = get_tensor(gm, self.parts[1].target)
+        return w.t() if self.transposed else w
+
+    def bias(self, gm) -> torch.Tensor | None:
+        b = self.parts[2]
+        return get_tensor(gm, b.target) if b is not None else None
+
+    def set_weight(self, gm, w: torch.Tensor, pass_name: str, log) -> None:
+        w = w.t() if self.transposed else w
+        set_param(gm, self.parts[1], self.node, w.contiguous(), pass_name, log)
+
+    def set_bias(self, gm, b: torch.Tensor, pass_name: str, log) -> bool:
+        """Set the bias, adding one to a bias-free `aten.linear`. False if it cannot."""
+        if self.parts[2] is not None:
+            set_param(gm, self.parts[2], self.node, b, pass_name, log)
+            return True
+        if self.node.target is not aten.linear.default:
+            return False
+        w_node = self.parts[1]
+        prefix, _, attr = w_node.target.rpartition(".")
+        owner = gm.get_submodule(prefix) if prefix else gm
+        name = f"bias_{pass_name}"
+        owner.register_parameter(name, torch.nn.Parameter(b.detach().clone(), requires_grad=False))
+        target = f"{prefix + '.' if prefix else ''}{name}"
+        with gm.graph.inserting_before(self.node):
+            bnode = gm.graph.get_attr(target)
+        bnode.meta["val"] = w_node.meta.get("val")  # shape metadata is refreshed lazily; value below
+        bnode.meta["fxlens.changed_by"] = [pass_name]
+        args = list(self.node.args) + [None] * (3 - len(self.node.args))
+        args[2] = bnode
+        self.node.args = tuple(args)
+        if log is not None:
+            log.record(target, pass_name)
+        return True

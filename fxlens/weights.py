@@ -1,0 +1,296 @@
+"""Weights under TransformerLens's names and shapes, read from the (processed) graph.
+
+`column_maps` finds, per block, which stored weight entries make up each
+head's W_Q/W_K/W_V and W_O and the MLP's W_in/W_gate/W_out, by index tracing
+(fxlens/trace.py) -- so fused QKV (GPT-2, GPT-NeoX, Falcon) and fused gate/up
+need no per-architecture layout table.
+
+Shapes (TransformerLens): W_Q [head, d_model, d_head], W_O [head, d_head, d_model],
+W_in/W_gate [d_model, d_mlp], W_out [d_mlp, d_model], W_E [d_vocab, d_model],
+W_U [d_model, d_vocab]; stacked over layers on `model`, per layer on `model.blocks[L]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import linear_parts, walk_back, is_layout
+from .params import Linear, get_tensor
+from .trace import trace_indices
+
+
+@dataclass
+class BlockMaps:
+    """Per block: projection -> index tensor of its stored output columns (or, for
+    o/out, input columns) in TransformerLens order."""
+
+    q: tuple | None = None     # (Linear, cols [head, d_head])
+    k: tuple | None = None
+    v: tuple | None = None
+    o: tuple | None = None     # (Linear, input cols [head, d_head])
+    pre: tuple | None = None   # (Linear, cols [d_mlp])  -- W_gate for gated MLPs, else W_in
+    pre_linear: tuple | None = None  # (Linear, cols [d_mlp]) -- W_in of gated MLPs
+    out: tuple | None = None   # (Linear, input cols [d_mlp])
+
+
+def column_maps(gm, spec) -> list[BlockMaps]:
+    sources, sinks, todo = set(), set(), []
+    for b in spec.blocks:
+        for role in "qkv":
+            site, proj = b.qkv[role]
+            sources.add(proj)
+            sinks.add(site)
+        o_in = linear_parts(b.o_proj)[0]
+        sources.add(b.z)
+        sinks.add(o_in)
+        for role, (site, proj) in b.mlp_proj.items():
+            sources.add(proj)
+            sinks.add(site)
+        if b.writer is not None:
+            sources.add(b.post)
+            sinks.add(linear_parts(b.writer)[0])
+    seen = trace_indices(gm, sources, sinks)
+    layouts = {name: (node, lay) for node in gm.graph.nodes
+               for name, lay, _ in node.meta.get("fxlens.sites", [])}
+    out = []
+    for b in spec.blocks:
+        m = BlockMaps()
+        for role in "qkv":
+            site, proj = b.qkv[role]
+            _, lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
+            cols = lay.to_tl(seen[site], batch=1).reshape(-1, b.d_head)  # [head, d_head]
+            setattr(m, role, (Linear(proj), cols))
+        # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
+        o_in = seen[linear_parts(b.o_proj)[0]].reshape(-1)
+        inv = torch.empty_like(o_in)
+        inv[o_in] = torch.arange(o_in.numel())
+        m.o = (Linear(b.o_proj), inv.reshape(b.n_heads, b.d_head))
+        for role, (site, proj) in b.mlp_proj.items():
+            setattr(m, role, (Linear(proj), seen[site].reshape(-1)))
+        if b.writer is not None:
+            w_in = seen[linear_parts(b.writer)[0]].reshape(-1)
+            inv = torch.empty_like(w_in)
+            inv[w_in] = torch.arange(w_in.numel())
+            m.out = (Linear(b.writer), inv)
+        out.append(m)
+    return out
+
+
+# --- reading weights in TransformerLens shapes -------------------------------------
+
+def w_qkv(gm, lin: Linear, cols) -> torch.Tensor:
+    """[head, d_model, d_head] from a projection's rows `cols` [head, d_head]."""
+    w = lin.weight(gm)                      # [out, d_model]
+    return w[cols].permute(0, 2, 1)         # [head, d_head, d_model] -> [head, d_model, d_head]
+
+
+def b_qkv(gm, lin: Linear, cols) -> torch.Tensor:
+    b = lin.bias(gm)
+    return b[cols] if b is not None else torch.zeros(cols.shape, dtype=lin.weight(gm).dtype)
+
+
+def w_o(gm, lin: Linear, cols) -> torch.Tensor:
+    """[head, d_head, d_model] from the output projection's input columns."""
+    w = lin.weight(gm)                      # [d_model, head*d_head]
+    return w[:, cols].permute(1, 2, 0)      # [d_model, head, d_head] -> [head, d_head, d_model]
+
+
+def bias_or_zeros(gm, lin: Linear) -> torch.Tensor:
+    b = lin.bias(gm)
+    w = lin.weight(gm)
+    return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+
+
+class BlockWeights:
+    """`model.blocks[L]` views: `.attn.W_Q`, `.mlp.W_in`, ... (and `.W_Q` directly)."""
+
+    def __init__(self, model, layer: int):
+        self._model, self.layer = model, layer
+        self.attn = self.mlp = self
+
+    def _m(self) -> BlockMaps:
+        return self._model._maps()[self.layer]
+
+    def _gm(self):
+        return self._model.graph_module
+
+    def _repeat_kv(self, t):
+        rep = self._model.cfg.n_heads // t.shape[0]
+        return t.repeat_interleave(rep, dim=0) if rep > 1 else t
+
+    @property
+    def _W_K(self): return w_qkv(self._gm(), *self._m().k)
+    @property
+    def _W_V(self): return w_qkv(self._gm(), *self._m().v)
+    @property
+    def _b_K(self): return b_qkv(self._gm(), *self._m().k)
+    @property
+    def _b_V(self): return b_qkv(self._gm(), *self._m().v)
+    @property
+    def W_Q(self): return w_qkv(self._gm(), *self._m().q)
+    @property
+    def W_K(self): return self._repeat_kv(self._W_K)
+    @property
+    def W_V(self): return self._repeat_kv(self._W_V)
+    @property
+    def b_Q(self): return b_qkv(self._gm(), *self._m().q)
+    @property
+    def b_K(self): return self._repeat_kv(self._b_K)
+    @property
+    def b_V(self): return self._repeat_kv(self._b_V)
+    @property
+    def W_O(self): return w_o(self._gm(), *self._m().o)
+    @property
+    def b_O(self): return bias_or_zeros(self._gm(), self._m().o[0])
+
+    def _mlp(self, role):
+        entry = getattr(self._m(), role)
+        if entry is None:
+            raise AttributeError(f"block {self.layer} has no {role} projection (MoE or not gated)")
+        return entry
+
+    @property
+    def W_in(self):
+        lin, cols = self._mlp("pre_linear" if self._m().pre_linear else "pre")
+        return lin.weight(self._gm())[cols].T          # [d_model, d_mlp]
+    @property
+    def b_in(self):
+        lin, cols = self._mlp("pre_linear" if self._m().pre_linear else "pre")
+        return bias_or_zeros(self._gm(), lin)[cols]
+    @property
+    def W_gate(self):
+        if not self._m().pre_linear:
+            raise AttributeError("W_gate: this MLP is not gated")
+        lin, cols = self._mlp("pre")
+        return lin.weight(self._gm())[cols].T
+    @property
+    def W_out(self):
+        lin, cols = self._mlp("out")
+        return lin.weight(self._gm())[:, cols].T      # [d_mlp, d_model]
+    @property
+    def b_out(self):
+        return bias_or_zeros(self._gm(), self._mlp("out")[0])
+
+    @property
+    def QK(self):
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        return FactoredMatrix(self.W_V, self.W_O)
+
+
+class FactoredMatrix:
+    """A low-rank product A @ B kept as its factors (TransformerLens's FactoredMatrix,
+    reduced to what QK / OV circuits use)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        if A.shape[-1] != B.shape[-2]:
+            raise ValueError(f"FactoredMatrix: inner dims differ, {tuple(A.shape)} @ {tuple(B.shape)}")
+        self.A, self.B = A, B
+
+    @property
+    def AB(self) -> torch.Tensor:
+        return self.A @ self.B
+
+    @property
+    def BA(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    @property
+    def shape(self):
+        return torch.Size([*torch.broadcast_shapes(self.A.shape[:-2], self.B.shape[:-2]),
+                           self.A.shape[-2], self.B.shape[-1]])
+
+    @property
+    def T(self) -> "FactoredMatrix":
+        return FactoredMatrix(self.B.transpose(-2, -1), self.A.transpose(-2, -1))
+
+    def __matmul__(self, other):
+        if isinstance(other, FactoredMatrix):
+            return FactoredMatrix(self.A, self.B @ other.AB)
+        return FactoredMatrix(self.A, self.B @ other)
+
+    def __rmatmul__(self, other):
+        return FactoredMatrix(other @ self.A, self.B)
+
+    def svd(self):
+        """U, S, Vh of A @ B without forming it: via the QR of each factor."""
+        qa, ra = torch.linalg.qr(self.A)
+        qb, rb = torch.linalg.qr(self.B.transpose(-2, -1))
+        u, s, vh = torch.linalg.svd(ra @ rb.transpose(-2, -1))
+        return qa @ u, s, (qb @ vh.transpose(-2, -1)).transpose(-2, -1)
+
+    @property
+    def S(self) -> torch.Tensor:
+        return self.svd()[1]
+
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return torch.linalg.eigvals(self.BA)
+
+    def norm(self) -> torch.Tensor:
+        return self.S.pow(2).sum(-1).sqrt()
+
+    def __getitem__(self, idx) -> "FactoredMatrix":
+        return FactoredMatrix(self.A[idx], self.B[idx])
+
+    def __repr__(self) -> str:
+        return f"FactoredMatrix(shape={tuple(self.shape)})"
+
+
+class WeightsMixin:
+    """Stacked TransformerLens weight views on the HookedModel."""
+
+    def _maps(self) -> list[BlockMaps]:
+        key = id(self.graph_module.graph), len(self.graph_module.graph.nodes)
+        if getattr(self, "_maps_key", None) != key:
+            self._maps_cache = column_maps(self.graph_module, self.spec)
+            self._maps_key = key
+        return self._maps_cache
+
+    @property
+    def blocks(self) -> list[BlockWeights]:
+        return [BlockWeights(self, i) for i in range(self.cfg.n_layers)]
+
+    def _stack(self, attr: str) -> torch.Tensor:
+        return torch.stack([getattr(b, attr) for b in self.blocks])
+
+    W_Q = property(lambda self: self._stack("W_Q"))
+    W_K = property(lambda self: self._stack("W_K"))
+    W_V = property(lambda self: self._stack("W_V"))
+    W_O = property(lambda self: self._stack("W_O"))
+    b_Q = property(lambda self: self._stack("b_Q"))
+    b_K = property(lambda self: self._stack("b_K"))
+    b_V = property(lambda self: self._stack("b_V"))
+    b_O = property(lambda self: self._stack("b_O"))
+    W_in = property(lambda self: self._stack("W_in"))
+    W_gate = property(lambda self: self._stack("W_gate"))
+    W_out = property(lambda self: self._stack("W_out"))
+    b_in = property(lambda self: self._stack("b_in"))
+    b_out = property(lambda self: self._stack("b_out"))
+    QK = property(lambda self: FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1)))
+    OV = property(lambda self: FactoredMatrix(self.W_V, self.W_O))
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return get_tensor(self.graph_module, self.spec.embed.args[0].target)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return Linear(self.spec.unembed).weight(self.graph_module).T   # [d_model, d_vocab]
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        return bias_or_zeros(self.graph_module, Linear(self.spec.unembed))
+
+    @property
+    def W_pos(self) -> torch.Tensor:
+        """[n_ctx, d_model]: the vector each position adds (read off the position
+        embedding's output, so offsets like OPT's are already applied)."""
+        if self.spec.pos_embed is None:
+            raise AttributeError("W_pos: this model has no learned position embedding")
+        from .trace import values_at
+        return values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx)

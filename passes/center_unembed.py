@@ -1,0 +1,50 @@
+"""center_unembed: make W_U mean-zero over the vocabulary.
+
+Matches   the unembedding linear (the model's output embeddings).
+Rewrites  W_U -> W_U - mean_vocab(W_U), b_U -> b_U - mean(b_U). Softmax is
+          shift-invariant, so log-probs are unchanged while logits lose a
+          per-position constant. A tied embedding keeps its own weights.
+Requires  discover_sites; skipped when the logits pass a non-linear op before
+          the output (Gemma 2's soft-capping), where the shift would matter.
+Invariant W_U has mean ~0 over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from fxlens.errors import PassError
+from fxlens.graph import is_layout
+from fxlens.params import Linear
+from fxlens.passes_base import PassResult
+
+NAME = "center_unembed"
+
+
+def _reaches_output_through_layout(node) -> bool:
+    n = node
+    while True:
+        users = list(n.users)
+        if any(u.op == "output" for u in users):
+            return True
+        nxt = [u for u in users if is_layout(u)]
+        if len(nxt) != 1:
+            return False
+        n = nxt[0]
+
+
+def center_unembed(gm, spec, log) -> PassResult:
+    node = spec.unembed
+    if not _reaches_output_through_layout(node):
+        reason = "the logits pass a non-linear op (soft-capping?) after the unembedding"
+        log.skipped.append(f"{NAME}: {reason}")
+        return PassResult(NAME, matched=0, skipped=(reason,))
+    lin = Linear(node)
+    w = lin.weight(gm)                                    # [d_vocab, d_model]
+    lin.set_weight(gm, w - w.mean(0, keepdim=True), NAME, log)
+    b = lin.bias(gm)
+    if b is not None:
+        lin.set_bias(gm, b - b.mean(), NAME, log)
+    w = lin.weight(gm)
+    if w.mean(0).abs().max() > 1e-5 * max(1.0, w.abs().max().item()):
+        raise PassError(NAME, "W_U still has a mean component")
+    gm.recompile()
+    return PassResult(NAME, matched=1)

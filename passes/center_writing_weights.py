@@ -1,0 +1,71 @@
+"""center_writing_weights: make everything written to the residual stream mean-zero.
+
+Matches   the writers of the residual stream: the token and position embeddings,
+          each attention's output projection and each MLP's output projection.
+Rewrites  W_E -> W_E - mean_d(W_E); W_pos likewise;
+          o_proj(W, b) -> (W - mean_d W, b - mean(b)) (mean over d_model), same for
+          the MLP's W_out. Every reader of the stream is a LayerNorm, which
+          removes the mean anyway, so outputs are unchanged.
+Requires  discover_sites; only for LayerNorm models (as TransformerLens), and
+          only where the writer reaches the residual add through layout ops
+          (a post-norm in between would not commute).
+Invariant every rewritten writer's output has mean ~0 over d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxlens.errors import PassError
+from fxlens.params import Linear, get_tensor, set_param
+from fxlens.passes_base import PassResult
+
+NAME = "center_writing_weights"
+
+
+def _center_embedding(gm, node, log) -> None:
+    w_node = node.args[0]
+    w = get_tensor(gm, w_node.target)
+    set_param(gm, w_node, node, w - w.mean(-1, keepdim=True), NAME, log)
+
+
+def _center_linear(gm, node, log) -> None:
+    lin = Linear(node)
+    w = lin.weight(gm)                                   # [d_model, in]
+    lin.set_weight(gm, w - w.mean(0, keepdim=True), NAME, log)
+    b = lin.bias(gm)
+    if b is not None:
+        lin.set_bias(gm, b - b.mean(), NAME, log)
+
+
+def center_writing_weights(gm, spec, log) -> PassResult:
+    kinds = set(spec.norm_kinds.values())
+    if kinds != {"LN"}:
+        reason = f"the model's norms are {sorted(kinds)}, not LayerNorm: centring would change outputs"
+        log.skipped.append(f"{NAME}: {reason}")
+        return PassResult(NAME, matched=0, skipped=(reason,))
+    skipped, n = [], 0
+    for node in (spec.embed, spec.pos_embed):
+        if node is not None:
+            _center_embedding(gm, node, log)
+            n += 1
+    for b in spec.blocks:
+        if b.ln1_post is None:
+            _center_linear(gm, b.o_proj, log)
+            n += 1
+        else:
+            skipped.append(f"block {b.layer}: attention output passes {b.ln1_post}")
+        if b.writer is not None and b.ln2_post is None:
+            _center_linear(gm, b.writer, log)
+            n += 1
+        else:
+            skipped.append(f"block {b.layer}: MLP output is not one linear (MoE) or passes a post-norm")
+    # invariant: the rewritten output projections write mean-zero vectors
+    for b in spec.blocks:
+        if b.ln1_post is None:
+            w = Linear(b.o_proj).weight(gm)
+            if w.mean(0).abs().max() > 1e-5 * max(1.0, w.abs().max().item()):
+                raise PassError(NAME, f"{b.o_proj.name}: W_O still has a mean component")
+    log.skipped.extend(f"{NAME}: {s}" for s in skipped)
+    gm.recompile()
+    return PassResult(NAME, matched=n, skipped=tuple(skipped))

@@ -1,0 +1,46 @@
+"""fold_value_biases: move each head's value bias into the output bias.
+
+Matches   per block, the value projection's bias b_V [kv_head, d_head] (its
+          columns found by index tracing, so fused QKV works) and the output
+          projection W_O [head, d_head, d_model], b_O.
+Rewrites  b_V -> 0, b_O -> b_O + sum_h b_V[kv(h)] @ W_O[h]. Attention patterns
+          sum to 1, so a value bias adds the same b_V @ W_O at every position.
+          Under GQA head h reads kv head h // (n_heads / n_kv_heads).
+Requires  discover_sites (and fold_ln first, if it runs, as TransformerLens).
+Invariant the value columns of the projection's bias are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxlens.errors import PassError
+from fxlens.passes_base import PassResult
+from fxlens.weights import w_o
+
+NAME = "fold_value_biases"
+
+
+def fold_value_biases(gm, spec, log, maps) -> PassResult:
+    n = 0
+    for b, m in zip(spec.blocks, maps):
+        v_lin, v_cols = m.v
+        bias = v_lin.bias(gm)
+        if bias is None or not bool(bias[v_cols].any()):
+            continue
+        b_v = bias[v_cols]                                       # [kv_head, d_head]
+        b_v = b_v.repeat_interleave(b.n_heads // b_v.shape[0], dim=0)  # [head, d_head]
+        o_lin, o_cols = m.o
+        delta = torch.einsum("hd,hdm->m", b_v.double(), w_o(gm, o_lin, o_cols).double())
+        b_o = o_lin.bias(gm)
+        new_o = (b_o.double() if b_o is not None else 0.0) + delta
+        if not o_lin.set_bias(gm, new_o.to(bias.dtype), NAME, log):
+            raise PassError(NAME, f"{b.o_proj.name} cannot take a bias; pass fold_value_biases=False")
+        new_bias = bias.clone()
+        new_bias[v_cols] = 0.0
+        v_lin.set_bias(gm, new_bias, NAME, log)
+        if v_lin.bias(gm)[v_cols].any():
+            raise PassError(NAME, f"block {b.layer}: value bias not zero after folding")
+        n += 1
+    gm.recompile()
+    return PassResult(NAME, matched=n)
