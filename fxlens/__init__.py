@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .cache import ActivationCache
-from .capture import capture
+from .capture import Captured, capture
 from .config import make_config
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, PassError,
                      ProcessingError, SelfCheckError, UnknownHookError, UnmappableModelError)
@@ -15,7 +15,7 @@ from .model import HookedModel
 from .names import act_name
 from .pipeline import Context, run_pipeline
 
-__all__ = ["from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
+__all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
            "HookReturnError", "ContextLengthError", "SelfCheckError", "ProcessingError", "PassError"]
 
@@ -70,11 +70,16 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     if any(flags.values()) and dtype in (torch.float16, torch.bfloat16):
         warnings.warn(f"processing weights in {dtype} loses precision; load in float32 and "
                       f"convert afterwards if you need exact folding", stacklevel=3)
-    cap = capture(source, dtype=dtype, **hf_kwargs)
+    if isinstance(source, Captured):
+        cap = source
+        if hf_kwargs:
+            raise TypeError(f"{sorted(hf_kwargs)} apply when loading; this model is already captured")
+    else:
+        cap = capture(source, dtype=dtype, **hf_kwargs)
     hf = cap.hf_model
     ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
                   unembed_path=_module_path(hf, hf.get_output_embeddings()), flags=dict(flags))
-    gm = run_pipeline(cap.gm, ctx, on_pass=on_pass)
+    gm = run_pipeline(cap.graph_module(), ctx, on_pass=on_pass)
     for reason in ctx.log.skipped:
         warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
     if self_check:
@@ -93,22 +98,24 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
 
 def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, self_check: bool = True,
                                   default_prepend_bos: bool | None = None, on_pass=None,
-                                  **hf_kwargs) -> HookedModel:
+                                  compile: bool = False, **hf_kwargs) -> HookedModel:
     """Instrument an HF causal LM with TransformerLens hook points, weights unprocessed.
 
     `source`: a checkpoint folder, a hub id already in the local HF cache, or a
     `PreTrainedModel`. Extra keywords go to `from_pretrained` (`gguf_file`,
-    `revision`, ...) or set the tokenizer (`tokenizer=`).
+    `revision`, ...) or set the tokenizer (`tokenizer=`). `compile=True` is
+    `model.compile()`: calls run through torch.compile (see `fxlens.compiled`).
     """
     flags = {f: False for f in PROCESSING_FLAGS}
-    return _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    return model.compile() if compile else model
 
 
 def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: bool = True,
                     center_unembed: bool = True, fold_value_biases: bool = True,
                     refactor_factored_attn_matrices: bool = False, device=None, dtype=torch.float32,
                     self_check: bool = True, default_prepend_bos: bool | None = None, on_pass=None,
-                    **hf_kwargs) -> HookedModel:
+                    compile: bool = False, **hf_kwargs) -> HookedModel:
     """Instrument with TransformerLens's weight processing (its defaults: the four
     flags on). Each flag is a compiler pass; one that cannot apply to part of
     the model is skipped there with a warning, and `model.processing` records
@@ -116,4 +123,5 @@ def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: boo
     flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                  refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-    return _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    return model.compile() if compile else model

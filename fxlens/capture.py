@@ -21,11 +21,19 @@ from .errors import CaptureError
 
 @dataclass
 class Captured:
-    gm: fx.GraphModule          # graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab]
+    """A captured checkpoint. Capture is the slow step; one Captured can be
+    instrumented many times (`fxlens.from_pretrained(captured, ...)`), each
+    time on a fresh copy of the graph."""
+
+    program: torch.export.ExportedProgram
     hf_model: torch.nn.Module   # the original model, for self-checks and weight names
     tokenizer: object | None
     n_ctx: int
     name: str
+
+    def graph_module(self) -> fx.GraphModule:
+        """A fresh graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab]."""
+        return _compat.plain_graph_module(self.program.module())
 
 
 def n_ctx_of(config) -> int:
@@ -73,7 +81,7 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
     return model, tokenizer, name
 
 
-def export_graph(model, n_ctx: int) -> fx.GraphModule:
+def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
     """Export `model(input_ids, use_cache=False)` with dynamic batch and sequence."""
     batch, seq = _compat.export_dims(n_ctx)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -89,11 +97,11 @@ def export_graph(model, n_ctx: int) -> fx.GraphModule:
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}. fxlens needs a model that exports "
             f"with dynamic batch and sequence length.") from exc
-    return _compat.plain_graph_module(ep.module())
+    return ep
 
 
 def capture(source, dtype=torch.float32, **hf_kwargs) -> Captured:
     model, tokenizer, name = load_model(source, dtype=dtype, **hf_kwargs)
     n_ctx = n_ctx_of(model.config)
-    gm = export_graph(model, n_ctx)
-    return Captured(gm=gm, hf_model=model, tokenizer=tokenizer, n_ctx=n_ctx, name=name)
+    program = export_graph(model, n_ctx)
+    return Captured(program=program, hf_model=model, tokenizer=tokenizer, n_ctx=n_ctx, name=name)

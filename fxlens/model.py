@@ -34,6 +34,8 @@ class HookedModel(WeightsMixin, nn.Module):
         self.tokenizer = tokenizer
         self.processing = processing
         self.pass_results = list(pass_results)
+        self._graph_version = 0     # bumped on every graph rewrite; keys compiled variants
+        self._compiled = None       # a CompiledRunner once compile() is called
         self._refresh_hook_dict()
 
     # --- hook bookkeeping ---------------------------------------------------------
@@ -61,9 +63,10 @@ class HookedModel(WeightsMixin, nn.Module):
     def _materialise(self, name: str) -> None:
         from fxlens.passes import materialise_opt_in
 
+        self._maps()  # weight views are traced on the graph as built, before it is rewritten
         result = materialise_opt_in(self.graph_module, self.spec, name)
         self.pass_results.append(result)
-        self._refresh_hook_dict()
+        self._graph_changed()
 
     def _resolve(self, name_or_filter) -> list[HookPoint]:
         if callable(name_or_filter):
@@ -104,20 +107,89 @@ class HookedModel(WeightsMixin, nn.Module):
                     with contextlib.suppress(ValueError):
                         hp.fwd_hooks.remove(entry)
 
+    # --- compiling -----------------------------------------------------------------------
+    def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
+                dynamic: bool = True, fuse_attention: bool = True) -> "HookedModel":
+        """Run through `torch.compile` from now on (see `fxlens.compiled`).
+
+        Each hook set gets its own specialised, compiled graph: `run_with_cache`
+        names become extra graph outputs, sites nobody observes vanish, user
+        hooks are traced into the graph, and attention nobody observes runs as
+        fused `scaled_dot_product_attention`. Compilation is lazy (the first call
+        with a new hook set takes seconds); new batch sizes and sequence lengths
+        reuse it (batch 1 or a 1-token input compiles once more). Returns self.
+        """
+        from .compiled import CompiledRunner
+
+        self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,
+                                        dynamic=dynamic, fuse_attention=fuse_attention)
+        return self
+
+    def uncompile(self) -> "HookedModel":
+        """Back to the eager graph (compiled variants are dropped)."""
+        self._compiled = None
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled is not None
+
+    def compile_stats(self) -> dict:
+        """Variants built, graphs compiled, seconds spent compiling, eager fallbacks."""
+        return self._compiled.stats() if self._compiled is not None else {}
+
+    def _graph_changed(self) -> None:
+        """Call after rewriting `graph_module`: hook names are re-read and compiled
+        variants of the old graph are dropped."""
+        self._graph_version += 1
+        self._refresh_hook_dict()
+        if self._compiled is not None:
+            self._compiled.variants.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .half() replace buffers the compiled variants hold: rebuild them
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.variants.clear()
+        return out
+
     # --- running -------------------------------------------------------------------------
+    def _run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
+        """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
+        if self._compiled is not None:
+            return self._compiled.run(tokens, cache_names)
+        return self._run_eager(tokens, cache_names)
+
+    def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
+        if not cache_names:
+            return self.graph_module(tokens), {}
+        store: dict[str, torch.Tensor] = {}
+
+        def save(tensor, hook):
+            store[hook.name] = tensor.detach()
+
+        # cache hooks go after the user's, so the cache shows edited values
+        with self.hooks(fwd_hooks=[(n, save) for n in cache_names]):
+            logits = self.graph_module(tokens)
+        return logits, store
+
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                 prepend_bos: bool | None = None, padding_side: str | None = None):
+        return self._forward(input, return_type, loss_per_token, prepend_bos, padding_side)[0]
+
+    def _forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
+                 prepend_bos: bool | None = None, padding_side: str | None = None, cache_names=()):
         tokens = self._as_tokens(input, prepend_bos, padding_side)
-        logits = self.graph_module(tokens)
+        logits, store = self._run(tokens, cache_names)
         if return_type == "logits":
-            return logits
+            return logits, store
         if return_type is None:
-            return None
+            return None, store
         loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
         if return_type == "loss":
-            return loss
+            return loss, store
         if return_type == "both":
-            return logits, loss
+            return (logits, loss), store
         raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
@@ -142,15 +214,10 @@ class HookedModel(WeightsMixin, nn.Module):
                        remove_batch_dim: bool = False, return_cache_object: bool = True,
                        **model_kwargs):
         names = self._names(names_filter)
-        store: dict[str, torch.Tensor] = {}
-
-        def save(tensor, hook):
-            t = tensor.detach()
-            store[hook.name] = t.to(device) if device is not None else t
-
         with torch.no_grad():
-            out = self.run_with_hooks(*model_args, fwd_hooks=[(n, save) for n in names], **model_kwargs)
-        ordered = {n: store[n] for n in self.hook_names if n in store}
+            out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
+        ordered = {n: (store[n].to(device) if device is not None else store[n])
+                   for n in self.hook_names if n in store}
         cache = ActivationCache(ordered, self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()

@@ -93,8 +93,16 @@ class Linear:
 
     node: fx.Node
 
+    def __post_init__(self):
+        # parameter targets as they were, for reading after an opt-in rewrite
+        # has replaced the op itself (attn.hook_result computes W_O per head)
+        w, b = linear_parts(self.node)[1:]
+        self._snapshot = (w, b)
+
     @property
     def parts(self):
+        if getattr(self.node, "_erased", False):
+            return (None, *self._snapshot)
         return linear_parts(self.node)
 
     @property

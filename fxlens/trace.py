@@ -14,30 +14,49 @@ import torch
 import torch.fx as fx
 
 
-class _IndexInterpreter(fx.Interpreter):
-    def __init__(self, gm, sources, sinks):
-        super().__init__(gm)
-        self.sources = set(sources)
-        self.sinks = set(sinks)
-        self.seen: dict[fx.Node, torch.Tensor] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.sources and isinstance(out, torch.Tensor):
-            # float32 holds integers exactly up to 2**24, far beyond any column count
-            out = torch.arange(out.numel(), dtype=torch.float32, device=out.device).reshape(out.shape)
-        if n in self.sinks and isinstance(out, torch.Tensor):
-            self.seen[n] = out.detach().clone()
-        return out
+_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
+          torch.ops.aten.type_as.default}
 
 
 def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Tensor]:
-    """Values reaching each sink when every source emits `arange` (batch 1, pos 1)."""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=next(gm.parameters()).device)
-    interp = _IndexInterpreter(gm, sources, sinks)
-    with torch.no_grad():
-        interp.run(ids)
-    return {k: v.round().long() for k, v in interp.seen.items()}
+    """Values reaching each sink when every source emits `arange` (batch 1, pos 1).
+
+    Only the nodes between sources and sinks run (views, splits, the symbolic
+    sizes they read), in float64 whatever the model's dtype, so the indices are
+    exact; dtype casts on the way are skipped."""
+    sources = set(sources)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    env: dict[fx.Node, object] = {}
+
+    def value(node):
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if n in env:
+                stack.pop()
+                continue
+            if n.op == "placeholder":
+                env[n] = ids
+            elif n.op == "get_attr":
+                env[n] = torch.zeros(())  # never on an index path; sizes only
+            elif n in sources:
+                shape = [1 if not isinstance(d, int) else d for d in n.meta["val"].shape]
+                env[n] = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float64).reshape(shape)
+            else:
+                pending = [a for a in n.all_input_nodes if a not in env]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                args = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
+                kwargs = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
+                if n.op == "call_module":       # hook points: identity while no hook is attached
+                    env[n] = gm.get_submodule(n.target)(*args, **kwargs)
+                else:
+                    env[n] = args[0] if n.target in _CASTS else n.target(*args, **kwargs)
+            stack.pop()
+        return env[node]
+
+    return {s: value(s).round().long() for s in sinks}
 
 
 class _Recorder(fx.Interpreter):

@@ -245,10 +245,9 @@ class WeightsMixin:
     """Stacked TransformerLens weight views on the HookedModel."""
 
     def _maps(self) -> list[BlockMaps]:
-        key = id(self.graph_module.graph), len(self.graph_module.graph.nodes)
-        if getattr(self, "_maps_key", None) != key:
+        # traced once; processing is done by then, and opt-in rewrites keep the parameters
+        if getattr(self, "_maps_cache", None) is None:
             self._maps_cache = column_maps(self.graph_module, self.spec)
-            self._maps_key = key
         return self._maps_cache
 
     @property

@@ -41,9 +41,7 @@ def test_tokens_longer_than_context(gpt2):
         gpt2(torch.tensor([[1, 99999]]))
 
 
-def test_processing_is_refused_clearly_until_built():
-    with pytest.raises(fxlens.ProcessingError, match="from_pretrained_no_processing"):
-        fxlens.from_pretrained(DATA / "models" / "gpt2")
+def test_unknown_keyword_is_a_type_error():
     with pytest.raises(TypeError, match="fold_lnn"):
         fxlens.from_pretrained_no_processing(DATA / "models" / "gpt2", fold_lnn=True)
 

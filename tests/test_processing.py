@@ -1,0 +1,158 @@
+"""Weight processing (fold_ln, centring, value-bias folding) as graph passes."""
+
+import functools
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import fxlens
+from conftest import DATA, RTOL, captured, hf_model, oracle, oracle_hooks, rel_err
+
+FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+@functools.lru_cache(maxsize=None)
+def processed(arch: str, **flags):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RMS models warn that centring writers is skipped
+        return fxlens.from_pretrained(captured(arch), **flags)
+
+
+def test_processed_activations_match_transformerlens(arch):
+    model = processed(arch)
+    tokens = oracle(arch, "tokens")["tokens"]
+    logits, cache = model.run_with_cache(tokens)
+    assert rel_err(logits, oracle(arch, "processed_logits")["logits"]) <= RTOL
+    ref = oracle(arch, "processed")
+    assert list(cache.keys()) == list(oracle_hooks(arch, "processed")["hooks"])
+    bad = {k: rel_err(cache[k], v) for k, v in ref.items() if not rel_err(cache[k], v) <= RTOL}
+    assert not bad, bad
+
+
+def test_processed_opt_in_sites_match_transformerlens(arch):
+    model = processed(arch)
+    ref = oracle(arch, "processed_extra")
+    names = [f"blocks.{i}.{s}" for i in range(model.cfg.n_layers) for s in ("attn.hook_result", "hook_mlp_in")]
+    _, cache = model.run_with_cache(oracle(arch, "tokens")["tokens"], names_filter=names)
+    for name in names:
+        assert rel_err(cache[name], ref[name]) <= RTOL, name
+
+
+ALL_COMBOS = list(itertools.product([False, True], repeat=4))
+SINGLES = [tuple(i == j for j in range(4)) for i in range(4)] + [(True,) * 4]
+
+
+@pytest.mark.parametrize("arch,combo", [("gpt2", c) for c in ALL_COMBOS] +
+                         [(a, c) for a in ("gpt_neox", "llama", "opt") for c in SINGLES],
+                         ids=lambda x: x if isinstance(x, str) else "".join("1" if f else "0" for f in x))
+def test_flag_combinations_keep_hf_log_probs(arch, combo):
+    """Every combination on gpt2 (LayerNorm, biases, tied, Conv1D); each flag alone
+    and all together on the others."""
+    flags = dict(zip(FLAGS, combo))
+    model = processed(arch, **flags)
+    tokens = oracle(arch, "tokens")["tokens"]
+    with torch.no_grad():
+        want = hf_model(arch)(tokens).logits.log_softmax(-1)
+    # processing changes rounding only (float32): 1e-4 of the largest log-prob
+    assert rel_err(model(tokens).log_softmax(-1), want) <= RTOL
+    for flag, on in flags.items():
+        # a flag that is on was applied unless the model has nothing for it (RMS models: centring writers)
+        assert model.processing[flag] == (on and not (flag == "center_writing_weights" and
+                                                       model.cfg.normalization_type.startswith("RMS")))
+
+
+def test_fold_ln_leaves_norms_parameter_free(arch):
+    model = processed(arch, fold_ln=True, center_writing_weights=False, center_unembed=False,
+                      fold_value_biases=False)
+    assert model.cfg.normalization_type in ("LNPre", "RMSPre")
+    gm = model.graph_module
+    # no parameter is read inside a norm module any more
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any("fxlens.norm" in a.meta for a in node.all_input_nodes
+                                              if isinstance(a, torch.fx.Node)):
+            assert not any(a.op == "get_attr" for a in node.all_input_nodes), node.name
+
+
+def test_weight_views_reproduce_the_activations(arch):
+    """q = normalized @ W_Q + b_Q, attn_out = sum_h z W_O + b_O, ..., logits =
+    normalized_final @ W_U + b_U: the views are the weights the graph uses."""
+    model = processed(arch)
+    cfg = model.cfg
+    _, c = model.run_with_cache(oracle(arch, "tokens")["tokens"])
+    for L in range(cfg.n_layers):
+        x = c[f"blocks.{L}.ln1.hook_normalized"]
+        q = torch.einsum("bsm,hmd->bshd", x, model.W_Q[L]) + model.b_Q[L]
+        assert rel_err(q, c[f"blocks.{L}.attn.hook_q"]) <= RTOL
+        k = torch.einsum("bsm,hmd->bshd", x, model.blocks[L].attn._W_K) + model.blocks[L].attn._b_K
+        assert rel_err(k, c[f"blocks.{L}.attn.hook_k"]) <= RTOL
+        out = torch.einsum("bshd,hdm->bsm", c[f"blocks.{L}.attn.hook_z"], model.W_O[L]) + model.b_O[L]
+        assert rel_err(out, c[f"blocks.{L}.hook_attn_out"]) <= RTOL
+        x2 = c[f"blocks.{L}.ln2.hook_normalized"]
+        pre_w = model.W_gate[L] if cfg.gated_mlp else model.W_in[L]
+        pre_b = 0 if cfg.gated_mlp else model.b_in[L]
+        assert rel_err(x2 @ pre_w + pre_b, c[f"blocks.{L}.mlp.hook_pre"]) <= RTOL
+        mlp = c[f"blocks.{L}.mlp.hook_post"] @ model.W_out[L] + model.b_out[L]
+        assert rel_err(mlp, c[f"blocks.{L}.hook_mlp_out"]) <= RTOL
+    logits = c["ln_final.hook_normalized"] @ model.W_U + model.b_U
+    assert rel_err(logits, c["unembed.hook_out"]) <= RTOL
+    assert model.W_E.shape == (cfg.d_vocab, cfg.d_model)
+    assert torch.equal(model.W_K.shape[:2] and model.W_K[:, :1], model.W_K[:, :1])
+    assert model.W_K.shape == model.W_Q.shape  # kv heads repeated to all heads, as TransformerLens
+
+
+def test_factored_matrices(arch):
+    model = processed(arch)
+    qk = model.blocks[1].attn.QK
+    assert torch.allclose(qk.AB, model.W_Q[1] @ model.W_K[1].transpose(-2, -1), atol=1e-5)
+    ov = model.OV
+    assert ov.shape == (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.d_model)
+    # the singular values from the factors equal those of the full product
+    full = torch.linalg.svdvals(ov.AB[0, 0])[: model.cfg.d_head]
+    assert torch.allclose(ov[0, 0].S, full, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_tied_embedding_is_not_changed_by_folding_into_the_unembedding():
+    model = processed("gpt2", fold_ln=True, center_writing_weights=False, center_unembed=False,
+                      fold_value_biases=False)
+    hf = hf_model("gpt2")
+    assert torch.equal(model.W_E, hf.transformer.wte.weight)          # embedding untouched
+    ln_f = hf.transformer.ln_f.weight
+    want = (hf.lm_head.weight * ln_f).T
+    want = want - want.mean(0, keepdim=True)                           # centred reading weights
+    assert torch.allclose(model.W_U, want, atol=1e-6)
+    assert hf.lm_head.weight is hf.transformer.wte.weight              # the HF model is untouched too
+
+
+def test_processing_record_says_which_pass_changed_which_parameter():
+    model = processed("gpt2")
+    changed = model.processing.changed
+    assert changed["transformer.h.0.attn.c_attn.weight"] == ["fold_ln"]
+    assert "fold_ln" in changed["transformer.h.0.attn.c_attn.bias"]
+    assert "fold_value_biases" in changed["transformer.h.0.attn.c_attn.bias"]
+    assert changed["transformer.h.0.attn.c_proj.weight"] == ["center_writing_weights"]
+    assert "center_unembed" in next(v for k, v in changed.items() if k.startswith("lm_head"))
+    # the annotated graph carries the same facts on its parameter nodes
+    nodes = {n.target: n for n in model.graph_module.graph.nodes if n.op == "get_attr"}
+    assert nodes["transformer.h.0.attn.c_attn.weight"].meta["fxlens.changed_by"] == ["fold_ln"]
+
+
+def test_refactor_factored_attn_matrices_keeps_circuits_and_outputs():
+    base = processed("gpt2")
+    model = processed("gpt2", refactor_factored_attn_matrices=True)
+    tokens = oracle("gpt2", "tokens")["tokens"]
+    assert rel_err(model(tokens).log_softmax(-1), base(tokens).log_softmax(-1)) <= RTOL
+    assert torch.allclose(model.QK.AB, base.QK.AB, atol=1e-4)
+    assert torch.allclose(model.OV.AB, base.OV.AB, atol=1e-4)
+    w_o = model.W_O[0, 0]                                  # [d_head, d_model], orthonormal rows
+    assert torch.allclose(w_o @ w_o.T, torch.eye(w_o.shape[0]), atol=1e-4)
+    with pytest.raises(fxlens.ProcessingError, match="rotary"):
+        fxlens.from_pretrained(DATA / "models" / "llama", refactor_factored_attn_matrices=True)
+
+
+def test_bad_processing_input():
+    with pytest.raises(TypeError, match="fold_lm"):
+        fxlens.from_pretrained(DATA / "models" / "gpt2", fold_lm=True)
+    with pytest.warns(UserWarning, match="precision"):
+        fxlens.from_pretrained(DATA / "models" / "gpt2", dtype=torch.bfloat16, self_check=False)
