@@ -133,6 +133,9 @@ class _Graph:
     def head_layout(self, node, d_head) -> Layout | None:
         """Layout of a per-head value: [b,s,h,d] -> same, [b,h,s,d] -> bhsd."""
         s = shape(node)
+        if s is not None and len(s) == 5 and s[3] == 1 and same_size(s[0], self.batch) \
+                and same_size(s[1], self.seq) and isinstance(s[2], int) and same_size(s[4], d_head):
+            return Layout("squeeze3", s[2], d_head)   # Falcon's grouped k/v: [b, s, kv, 1, d]
         if s is None or len(s) != 4 or not same_size(s[0], self.batch) or not same_size(s[3], d_head):
             return None
         if same_size(s[1], self.seq) and isinstance(s[2], int):
@@ -160,8 +163,18 @@ def _nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
     return [n for n in graph.nodes if path in module_paths(n)]
 
 
+def _attention_softmaxes(g: "_Graph", nodes) -> list[fx.Node]:
+    """Softmaxes over [batch, head, query, key] scores (not an MoE router's)."""
+    out = []
+    for n in nodes:
+        s = shape(n) if n.op == "call_function" and n.target in SOFTMAX_OPS else None
+        if s and len(s) == 4 and same_size(s[0], g.batch) and same_size(s[-2], g.seq):
+            out.append(n)
+    return out
+
+
 def _find_blocks(g: _Graph) -> list[tuple[int, str]]:
-    softmaxes = [n for n in g.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS]
+    softmaxes = _attention_softmaxes(g, g.graph.nodes)
     if not softmaxes:
         sdpa = [n for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
         raise _fail("attention", f"{len(sdpa)} fused attention node(s) and no softmax",
@@ -225,6 +238,13 @@ def _to_residual_add(start: fx.Node, block_nodes: set, norms: dict, nodes_of) ->
     cur, post = start, None
     while True:
         users = list(cur.users)
+        # several users, all inside one norm (a post-norm reads its input twice)
+        norms_of_users = {next((p for p in module_paths(u) if p in norms), None) for u in users}
+        if len(users) > 1 and len(norms_of_users) == 1 and None not in norms_of_users:
+            norm = norms_of_users.pop()
+            if norm not in module_paths(cur):
+                cur, post = output_node(nodes_of(norm)), norm
+                continue
         if len(users) != 1 or users[0] not in block_nodes:
             return cur, post
         u = users[0]
@@ -313,7 +333,7 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
-    softmax = [n for n in bnodes if n.target in SOFTMAX_OPS]
+    softmax = _attention_softmaxes(g, bnodes)
     if len(softmax) != 1:
         raise _fail(f"block {bpath}", f"{len(softmax)} attention softmax nodes", "exactly one")
     softmax = softmax[0]
@@ -378,7 +398,12 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
         rot = next((n for n in reversed(chain) if g.head_layout(n, d_head)), None)
         if rot is None:
             raise _fail(f"attention {attn}", f"a computation on {role} ({stop.name})", f"a per-head rotated {role}")
-        sites.add(name(f"attn.hook_rot_{role}"), rot, g.head_layout(rot, d_head))
+        lay = g.head_layout(rot, d_head)
+        want = chosen[role][1].heads
+        if lay.heads != want and lay.heads % want == 0:
+            # rotary applied after k was repeated to every query head: show each kv head once
+            lay = Layout(lay.kind, want, d_head, group=lay.heads // want)
+        sites.add(name(f"attn.hook_rot_{role}"), rot, lay)
         rotary = True
 
     # --- output projection, attn_out ---------------------------------------------
@@ -466,7 +491,10 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
             sites.add(name(f"{tag}.hook_normalized"), norms[norm]["normalized"])
 
     # sequential blocks: the MLP reads resid_mid = resid_pre + attn_out
-    resid_add = next(iter(attn_out.users))
+    resid_add = next((u for u in attn_out.users if u.target in (aten.add.Tensor, aten.add_.Tensor)), None)
+    if resid_add is None:
+        raise _fail(f"block {bpath}", f"attention output {attn_out.name} used by {list(attn_out.users)}",
+                    "the add that joins it to the residual stream")
     mlp_anc = set()
     for x in mlp_inputs:
         mlp_anc |= ancestors(x, lambda n: n in bset) | {x}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -31,13 +32,6 @@ LAYOUT_OPS = {
 }
 
 # Linear-like ops: (op, index of the data input, index of the weight).
-LINEAR_OPS = {
-    aten.linear.default: (0, 1),
-    aten.addmm.default: (1, 2),   # GPT-2 Conv1D: bias + x @ W, W stored [in, out]
-    aten.matmul.default: (0, 1),  # Falcon's FalconLinear: x @ W.T
-    aten.mm.default: (0, 1),
-}
-
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 
@@ -89,7 +83,18 @@ def same_size(a, b) -> bool:
 
 
 def is_layout(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in LAYOUT_OPS
+    if node.op != "call_function":
+        return False
+    if node.target is aten.index.Tensor:
+        # x[..., const_idx, :] (Falcon picks its shared k/v heads so): a gather of
+        # whole slices by constant indices, i.e. layout
+        idx = [i for i in node.args[1] if i is not None]
+        return all(isinstance(i, fx.Node) and not _depends_on_input(i) for i in idx)
+    return node.target in LAYOUT_OPS
+
+
+def _depends_on_input(node: fx.Node) -> bool:
+    return any(n.op == "placeholder" for n in ancestors(node)) or node.op == "placeholder"
 
 
 def is_scalar_scale(node: fx.Node) -> bool:
@@ -105,20 +110,88 @@ def is_param(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
-def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
-    """(data input, weight, bias) if `node` is a linear with a parameter weight."""
-    if node.op != "call_function" or node.target not in LINEAR_OPS:
+class LinearParts(NamedTuple):
+    """A linear found in the graph, whatever op spells it.
+
+    x: data input; w, b: get_attr nodes (b may be None); w_user / b_user: the
+    ops that read them; out_in: True if w is stored [out, in] (aten.linear,
+    x @ W.T), False if [in, out] (GPT-2 Conv1D addmm, x @ W)."""
+    x: fx.Node
+    w: fx.Node
+    b: fx.Node | None
+    w_user: fx.Node
+    b_user: fx.Node | None
+    out_in: bool
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default}
+
+
+def _weight_of(arg) -> tuple[fx.Node, bool] | None:
+    """(get_attr, stored [out, in]?) for a matmul's right operand: W or W.T."""
+    if is_param(arg):
+        return arg, False
+    if isinstance(arg, fx.Node) and arg.op == "call_function" and is_param(arg.args[0]) and (
+            arg.target in _TRANSPOSES or (arg.target is aten.permute.default and list(arg.args[1]) == [1, 0])
+            or (arg.target is aten.transpose.int and sorted(arg.args[1:3]) in ([0, 1], [-2, -1]))):
+        return arg.args[0], True
+    return None
+
+
+def _bias_add(node: fx.Node) -> fx.Node | None:
+    """The `add(node, b)` with a 1-D parameter b that completes a bias-free linear."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target is aten.add.Tensor:
+        other = [a for a in users[0].args if a is not node]
+        if len(other) == 1 and is_param(other[0]) and val(other[0]) is not None and val(other[0]).dim() == 1:
+            return users[0]
+    return None
+
+
+def _bare_linear(node: fx.Node) -> LinearParts | None:
+    if node.op != "call_function":
         return None
-    i, w = LINEAR_OPS[node.target]
-    if len(node.args) <= w or not is_param(node.args[w]):
+    t = node.target
+    if t is aten.linear.default and len(node.args) >= 2 and is_param(node.args[1]):
+        b = node.args[2] if len(node.args) > 2 and is_param(node.args[2]) else None
+        return LinearParts(node.args[0], node.args[1], b, node, node if b is not None else None, True)
+    if t is aten.addmm.default and is_param(node.args[2]):  # GPT-2 Conv1D: b + x @ W, W [in, out]
+        b = node.args[0] if is_param(node.args[0]) else None
+        return LinearParts(node.args[1], node.args[2], b, node, node if b is not None else None, False)
+    if t in (aten.matmul.default, aten.mm.default):        # Falcon: x @ W.T
+        found = _weight_of(node.args[1])
+        if found is not None:
+            w, out_in = found
+            return LinearParts(node.args[0], w, None, node if w is node.args[1] else node.args[1], None, out_in)
+    return None
+
+
+def linear_parts(node: fx.Node) -> LinearParts | None:
+    """The parts of a linear whose result is `node`, or None.
+
+    A bias-free linear followed by `add(., b)` is one linear whose result is the
+    add; the bare op alone is then not reported, so each linear is found once."""
+    if node.op != "call_function":
         return None
-    if node.target is aten.addmm.default:
-        bias = node.args[0] if is_param(node.args[0]) else None
-    elif node.target is aten.linear.default:
-        bias = node.args[2] if len(node.args) > 2 and is_param(node.args[2]) else None
-    else:
-        bias = None
-    return node.args[i], node.args[w], bias
+    if node.target is aten.add.Tensor:
+        inner = next((a for a in node.args if isinstance(a, fx.Node) and _bias_add(a) is node), None)
+        parts = _bare_linear(inner) if inner is not None else None
+        if parts is not None and parts.b is None:
+            b = next(a for a in node.args if a is not inner)
+            return parts._replace(b=b, b_user=node)
+        return None
+    parts = _bare_linear(node)
+    if parts is not None and parts.b is None and _bias_add(node) is not None:
+        return None
+    return parts
+
+
+def linear_of(node: fx.Node) -> fx.Node | None:
+    """The node that stands for the linear `node` belongs to (itself, or its bias add)."""
+    if linear_parts(node) is not None:
+        return node
+    add = _bias_add(node) if node.op == "call_function" else None
+    return add if add is not None and linear_parts(add) is not None else None
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -23,19 +23,36 @@ class Layout:
     kind: "same" | "bhsd" ([b, h, s, d] <-> [b, s, h, d]) | "flat" ([b, s, h*d]
     <-> [b, s, h, d]) | "scores" (additive mask -> -inf, like TransformerLens) |
     "batch" ([1, s, d] broadcast over the batch, for position embeddings) |
-    "tokens" ([b*s, d] <-> [b, s, d], where a model flattens batch and pos).
+    "tokens" ([b*s, d] <-> [b, s, d], where a model flattens batch and pos) |
+    "squeeze3" ([b, s, h, 1, d] <-> [b, s, h, d], Falcon's grouped k/v).
     """
 
     kind: str = "same"
     needs_batch = property(lambda self: self.kind in ("batch", "tokens"))
     heads: int = 0
     d_head: int = 0
+    # > 1 when the node holds each kv head `group` times over (k repeated to all
+    # query heads before rotary, Falcon); hooks see the kv heads once
+    group: int = 1
 
     def to_tl(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        y = self._to_tl(x, batch)
+        if self.group > 1:  # [b, s, kv*group, d] -> [b, s, kv, d]: the copies are equal
+            y = y.unflatten(2, (-1, self.group))[:, :, :, 0]
+        return y
+
+    def from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.group > 1:
+            y = y.repeat_interleave(self.group, dim=2)
+        return self._from_tl(y, like)
+
+    def _to_tl(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
         if self.kind == "bhsd":
             return x.transpose(1, 2)
         if self.kind == "flat":
             return x.unflatten(-1, (self.heads, self.d_head))
+        if self.kind == "squeeze3":
+            return x.squeeze(3)
         if self.kind == "scores":
             # HF adds the dtype's minimum at masked positions; TransformerLens shows -inf
             return x.masked_fill(x <= torch.finfo(x.dtype).min / 2, float("-inf"))
@@ -45,13 +62,15 @@ class Layout:
             return x.expand(batch, *x.shape[1:])
         return x
 
-    def from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.kind == "bhsd":
             return y.transpose(1, 2)
         if self.kind == "flat":
             return y.flatten(-2)
         if self.kind == "tokens":
             return y.flatten(0, 1)
+        if self.kind == "squeeze3":
+            return y.unsqueeze(3)
         return y
 
 

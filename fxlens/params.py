@@ -88,55 +88,52 @@ def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Ten
 
 @dataclass
 class Linear:
-    """A linear op of the graph with its weight in HF's [out, in] convention,
-    whatever its storage (`aten.linear` [out, in]; GPT-2 Conv1D `addmm` [in, out])."""
+    """A linear of the graph with its weight in HF's [out, in] convention,
+    whatever its storage (`aten.linear` [out, in]; GPT-2 Conv1D `addmm` [in, out];
+    Falcon's `x @ W.T`)."""
 
     node: fx.Node
 
     def __post_init__(self):
-        # parameter targets as they were, for reading after an opt-in rewrite
-        # has replaced the op itself (attn.hook_result computes W_O per head)
-        w, b = linear_parts(self.node)[1:]
-        self._snapshot = (w, b)
+        # the parts as they were, for reading after an opt-in rewrite has
+        # replaced the op itself (attn.hook_result computes W_O per head)
+        self._snapshot = linear_parts(self.node)
 
     @property
     def parts(self):
         if getattr(self.node, "_erased", False):
-            return (None, *self._snapshot)
-        return linear_parts(self.node)
-
-    @property
-    def transposed(self) -> bool:
-        return self.node.target is aten.addmm.default
+            return self._snapshot
+        return linear_parts(self.node) or self._snapshot
 
     def weight(self, gm) -> torch.Tensor:
-        w = get_tensor(gm, self.parts[1].target)
-        return w.t() if self.transposed else w
+        p = self.parts
+        w = get_tensor(gm, p.w.target)
+        return w if p.out_in else w.t()
 
     def bias(self, gm) -> torch.Tensor | None:
-        b = self.parts[2]
+        b = self.parts.b
         return get_tensor(gm, b.target) if b is not None else None
 
     def set_weight(self, gm, w: torch.Tensor, pass_name: str, log) -> None:
-        w = w.t() if self.transposed else w
-        set_param(gm, self.parts[1], self.node, w.contiguous(), pass_name, log)
+        p = self.parts
+        w = w if p.out_in else w.t()
+        set_param(gm, p.w, p.w_user, w.contiguous(), pass_name, log)
 
     def set_bias(self, gm, b: torch.Tensor, pass_name: str, log) -> bool:
         """Set the bias, adding one to a bias-free `aten.linear`. False if it cannot."""
-        if self.parts[2] is not None:
-            set_param(gm, self.parts[2], self.node, b, pass_name, log)
+        p = self.parts
+        if p.b is not None:
+            set_param(gm, p.b, p.b_user, b, pass_name, log)
             return True
         if self.node.target is not aten.linear.default:
             return False
-        w_node = self.parts[1]
-        prefix, _, attr = w_node.target.rpartition(".")
+        prefix, _, attr = p.w.target.rpartition(".")
         owner = gm.get_submodule(prefix) if prefix else gm
         name = f"bias_{pass_name}"
         owner.register_parameter(name, torch.nn.Parameter(b.detach().clone(), requires_grad=False))
         target = f"{prefix + '.' if prefix else ''}{name}"
         with gm.graph.inserting_before(self.node):
             bnode = gm.graph.get_attr(target)
-        bnode.meta["val"] = w_node.meta.get("val")  # shape metadata is refreshed lazily; value below
         bnode.meta["fxlens.changed_by"] = [pass_name]
         args = list(self.node.args) + [None] * (3 - len(self.node.args))
         args[2] = bnode

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import is_layout, linear_parts, module_paths, output_node
+from fxlens.graph import is_layout, linear_of, linear_parts, module_paths, output_node
 from fxlens.params import Linear, get_tensor
 from fxlens.passes_base import PassResult
 
@@ -41,9 +41,9 @@ def _readers(out: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
             if u in seen:
                 continue
             seen.add(u)
-            parts = linear_parts(u)
-            if parts is not None and parts[0] is n:
-                linears.append(u)
+            lin = linear_of(u)
+            if lin is not None and linear_parts(lin).x is n:
+                linears.append(lin)
             elif u.op == "call_function" and is_layout(u):
                 todo.append(u)
             else:

@@ -43,8 +43,9 @@ def _annotate(node: fx.Node, name: str, layout=Layout(), edge_users=None) -> Non
 
 def _per_head_w_o(graph: fx.Graph, o_proj: fx.Node, heads: int, d_head: int) -> fx.Node:
     """W_O as [head, d_head, d_model] from the projection's stored weight."""
-    _, w, _ = linear_parts(o_proj)
-    wt = w if o_proj.target is aten.addmm.default else graph.call_function(aten.t.default, (w,))
+    parts = linear_parts(o_proj)
+    w = parts.w
+    wt = graph.call_function(aten.t.default, (w,)) if parts.out_in else w
     return graph.call_function(aten.reshape.default, (wt, [heads, d_head, -1]))
 
 
@@ -52,7 +53,7 @@ def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
     b = spec.blocks[layer]
     graph = gm.graph
     o = b.o_proj
-    x, _, bias = linear_parts(o)
+    x, bias = linear_parts(o).x, linear_parts(o).b
     # the [batch, pos, head*d_head] value feeding the projection (before addmm's 2-D view)
     z_flat = next((n for n in walk_back(x, is_layout) if shape(n) and len(shape(n)) == 3), None)
     out = o
