@@ -1,12 +1,110 @@
-"""The fxlens command line."""
+"""The fxlens command line.
+
+  fxlens smollm2 [--prompt TEXT]            instrument SmolLM2-135M-Instruct, show predictions
+  fxlens dump MODEL -o FILE [--per-pass]    the annotated graph: .txt .dot .svg .html .json
+  fxlens sites MODEL                        every hook name with its shape
+  fxlens cache MODEL --prompt TEXT -o FILE.safetensors [--names NAME ...]
+
+MODEL is a checkpoint folder or a hub id already in the local HF cache
+(`--gguf-file` names a GGUF file in it). Bad input prints one line on stderr
+and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
+import json
 import sys
 
 import torch
 
+from .errors import FxlensError, UnknownHookError
+
+EXIT_ERROR = 2
+# the `sites` probe: a short token sequence, enough to give every hook its shape
+PROBE_LEN = 5
+
+
+# --- shared steps ----------------------------------------------------------------------
+
+class Status:
+    """A one-line status bar on stderr for the slow steps (capture, each pass,
+    the run); tqdm leaves it out when stderr is not a terminal, so pipes and
+    logs stay clean. Called as an `on_pass` callback."""
+
+    def __init__(self, what: str):
+        from tqdm import tqdm
+
+        self.what = what
+        self.bar = tqdm(total=None, desc=f"{what}: capture (torch.export)", bar_format="{desc} [{elapsed}]",
+                        disable=None, leave=False, file=sys.stderr)
+
+    def step(self, text: str) -> None:
+        self.bar.set_description_str(f"{self.what}: {text}")
+
+    def __call__(self, name, gm, result) -> None:
+        self.step(f"pass {name} done")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@contextlib.contextmanager
+def progress(what: str):
+    status = Status(what)
+    try:
+        yield status
+    finally:
+        status.close()
+
+
+def _chain(*callbacks):
+    def on_pass(name, gm, result):
+        for cb in callbacks:
+            if cb is not None:
+                cb(name, gm, result)
+    return on_pass
+
+
+def load(args, status: Status, on_pass=None):
+    """The instrumented model named on the command line."""
+    import fxlens
+
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    make = fxlens.from_pretrained if args.processed else fxlens.from_pretrained_no_processing
+    return make(args.model, on_pass=_chain(status, on_pass), **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers draws its own bars and warnings for every load; the CLI
+    shows one bar. Restored on the way out: `main` may run inside a program."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+# --- smollm2 (the README's main run) ---------------------------------------------------
 
 def _summary(cache, limit: int = 12) -> str:
     lines = [f"{len(cache)} cached activations:"]
@@ -28,7 +126,8 @@ def cmd_smollm2(args) -> int:
 
     print("loading SmolLM2-135M-Instruct (GGUF, dequantised to float32) and instrumenting it ...",
           flush=True)
-    model = load_smollm2()
+    with progress("fxlens: SmolLM2-135M-Instruct") as status:
+        model = load_smollm2(on_pass=status)
     print(model)
     logits, cache = model.run_with_cache(args.prompt)
     probs = logits[0, -1].softmax(-1)
@@ -41,21 +140,200 @@ def cmd_smollm2(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fxlens", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+# --- dump ------------------------------------------------------------------------------
+
+def cmd_dump(args) -> int:
+    from . import dump
+
+    fmt = dump.format_of(args.output, args.format)
+    dump.check_writable(args.output)   # before the slow load, not after it
+    per_pass = dump.PerPassDumper(args.output, fmt, args.level, title=args.model) if args.per_pass else None
+    with progress(f"fxlens: {args.model}") as status:
+        model = load(args, status, on_pass=per_pass)
+        status.step(f"write {fmt}")
+        path = dump.dump(model.graph_module, args.output, fmt, args.level, title=_title(args, model))
+    for p in (per_pass.written if per_pass else []):
+        print(f"wrote {p}")
+    level = "ops and modules" if fmt == "html" else args.level
+    print(f"wrote {path} ({fmt}, {level} level; the graph has {len(model.graph_module.graph.nodes)} "
+          f"nodes and {len(model.hook_names)} hooks)")
+    return 0
+
+
+def _title(args, model) -> str:
+    done = [k for k, v in model.processing.items() if v]
+    return f"{args.model} ({'processed: ' + ', '.join(done) if done else 'weights unprocessed'})"
+
+
+# --- sites -----------------------------------------------------------------------------
+
+def probe_tokens(model) -> torch.Tensor:
+    """[1, pos] token ids; ids, not text, so a checkpoint without a tokenizer works too."""
+    n = min(PROBE_LEN, model.cfg.n_ctx)
+    return (torch.arange(1, n + 1) % model.cfg.d_vocab).unsqueeze(0)
+
+
+def hook_modules(model) -> dict[str, str]:
+    """Hook name -> the HF module path its node came from."""
+    from .graph import module_path
+
+    return {n.meta["fxlens.site"]: module_path(n) for n in model.graph_module.graph.nodes
+            if "fxlens.site" in n.meta}
+
+
+def cmd_sites(args) -> int:
+    with progress(f"fxlens: {args.model}") as status:
+        model = load(args, status)
+        status.step("run the probe")
+        tokens = probe_tokens(model)
+        _, cache = model.run_with_cache(tokens)
+    modules = hook_modules(model)
+    rows = [(name, _shape(t), str(t.dtype).removeprefix("torch."), modules.get(name, ""))
+            for name, t in cache.items()]
+    print(_table(rows, ("hook", "shape", "dtype", "module")))
+    print(f"\n{len(rows)} hooks of {args.model}; shapes on a probe of batch 1, pos {tokens.shape[1]}")
+    return 0
+
+
+# --- cache -----------------------------------------------------------------------------
+
+def resolve_names(model, names: list[str] | None) -> list[str] | None:
+    """Hook names from the command line: exact names (opt-in sites included),
+    globs like 'blocks.*.attn.hook_pattern', comma-separated lists. None = all."""
+    if not names:
+        return None
+    out: list[str] = []
+    for item in (n.strip() for arg in names for n in arg.split(",")):
+        if not item:
+            continue
+        if any(c in item for c in "*?["):
+            hits = fnmatch.filter(model.hook_names, item)
+            if not hits:
+                raise UnknownHookError(item, model.hook_names)
+            out += hits
+        else:
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fxlens")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def cache_metadata(model, prompt: str, tokens: torch.Tensor) -> dict[str, str]:
+    """safetensors metadata holds strings only: lists and dicts go in as JSON."""
+    processing = model.processing   # the flags, as a dict or a processing log of them
+    meta = {"format": "fxlens activations", "fxlens_version": _version(),
+            "model": str(model.cfg.model_name), "prompt": prompt,
+            "tokens": json.dumps(tokens[0].tolist()),
+            "processing": json.dumps({k: bool(v) for k, v in processing.items()})}
+    if getattr(processing, "skipped", None):
+        meta["processing_skipped"] = json.dumps(list(processing.skipped))
+    with contextlib.suppress(FxlensError):
+        meta["str_tokens"] = json.dumps(model.to_str_tokens(tokens[0]))
+    return meta
+
+
+def save_activations(cache, path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    from .dump import DumpError
+
+    # chained hooks hand one tensor to two names (resid_post -> next resid_pre)
+    # and layouts leave views; safetensors wants separate contiguous storage
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in cache.items()}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError as exc:
+        raise DumpError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def cmd_cache(args) -> int:
+    from .dump import check_writable
+
+    path = check_writable(args.output)
+    with progress(f"fxlens: {args.model}") as status:
+        model = load(args, status)
+        names = resolve_names(model, args.names)
+        status.step("run_with_cache")
+        tokens = model.to_tokens(args.prompt)
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        status.step("save")
+        save_activations(cache, path, cache_metadata(model, args.prompt, tokens))
+    size = sum(t.numel() * t.element_size() for t in cache.values())
+    print(f"wrote {path}: {len(cache)} activations, {size / 2**20:.2f} MiB, "
+          f"{tokens.shape[1]} tokens")
+    return 0
+
+
+# --- main ------------------------------------------------------------------------------
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, or a hub id in the local HF cache")
+    p.add_argument("--gguf-file", help="a GGUF file inside MODEL's folder")
+    p.add_argument("--processed", action="store_true",
+                   help="process weights like TransformerLens (fold_ln, centring, value biases); "
+                        "default: unprocessed")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .dump import FORMATS, LEVELS
+
+    top = argparse.ArgumentParser(prog="fxlens", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="cmd", required=True)
+
     p = sub.add_parser("smollm2", help="instrument SmolLM2-135M-Instruct and show predictions and activations")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(fn=cmd_smollm2)
-    args = parser.parse_args(argv)
-    from .errors import FxlensError
 
+    p = sub.add_parser("dump", help="write the annotated graph (txt, dot, svg, html, json)")
+    _model_args(p)
+    p.add_argument("-o", "--output", required=True, help="file to write; its suffix picks the format")
+    p.add_argument("--format", choices=FORMATS, help="the format, whatever the suffix")
+    p.add_argument("--level", choices=LEVELS, default="ops",
+                   help="ops: every node; modules: one node per module (the HTML page has both)")
+    p.add_argument("--per-pass", action="store_true",
+                   help="also write the graph after each pass: FILE.01-<pass>.<suffix>, ...")
+    p.set_defaults(fn=cmd_dump)
+
+    p = sub.add_parser("sites", help="list every hook name with its shape")
+    _model_args(p)
+    p.set_defaults(fn=cmd_sites)
+
+    p = sub.add_parser("cache", help="save activations to a .safetensors file with metadata")
+    _model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--names", nargs="+", metavar="NAME",
+                   help="hook names or globs (blocks.*.attn.hook_pattern); default: every hook")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.set_defaults(fn=cmd_cache)
+    return top
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with quiet_transformers():
+            return args.fn(args)
     except FxlensError as exc:
-        print(f"fxlens: {exc}", file=sys.stderr)
-        return 2
+        print(f"fxlens: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file the command had to read or write
+        print(f"fxlens: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("fxlens: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

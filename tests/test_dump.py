@@ -1,0 +1,171 @@
+"""Graph dumps: every format names every hook, JSON round-trips through
+networkx, and the HTML page's search works in a real (headless) browser."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import networkx as nx
+import pytest
+
+import fxlens
+from conftest import DATA, oracle_model
+from fxlens import dump
+
+ARTIFACTS = DATA.parent / "artifacts"   # gitignored; CI keeps the screenshot
+CHROMIUM = "/usr/bin/chromium"
+# headless, offline, and a fresh profile each run (--user-data-dir is added per call)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--window-size=1280,900"]
+SEARCH = "blocks.1.attn.hook_pattern"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return oracle_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def graph(gpt2):
+    return dump.to_networkx(gpt2.graph_module, "gpt2")
+
+
+def names_in(text: str, names) -> set:
+    """The hook names that appear whole in `text` (not inside a longer name
+    such as the node `fxlens_hooks_hook_embed`)."""
+    return {n for n in names if re.search(rf"(?<![\w.]){re.escape(n)}(?![\w.])", text)}
+
+
+def need_tool(path: str | None, what: str) -> str:
+    """CI installs the tool (.ci/run), so there it must be present; elsewhere skip."""
+    if path and os.path.exists(path):
+        return path
+    message = f"{what} is not installed; `bash .ci/run` (or apt-get install) provides it"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.mark.parametrize("level", dump.LEVELS)
+@pytest.mark.parametrize("fmt", dump.FORMATS)
+def test_every_format_names_every_hook(gpt2, graph, fmt, level):
+    if fmt == "svg":
+        need_tool(shutil.which("dot"), "graphviz (`dot`)")
+    text = dump.render(graph, fmt, level)
+    if fmt == "dot":
+        text = text.replace("\\l", "\n")   # graphviz's left-justified line break
+    assert names_in(text, gpt2.hook_names) == set(gpt2.hook_names)
+
+
+def test_json_loads_back_into_networkx(gpt2, graph):
+    data = json.loads(dump.render(graph, "json"))
+    G = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
+    fx_graph = gpt2.graph_module.graph
+    assert G.number_of_nodes() == len(fx_graph.nodes)
+    assert G.number_of_edges() == len({(i, n) for n in fx_graph.nodes for i in n.all_input_nodes})
+    sites = {d["site"]: d for _, d in G.nodes(data=True) if d["site"]}
+    assert set(sites) == set(gpt2.hook_names)
+
+
+def test_collapsed_view_is_one_node_per_module(graph):
+    Q = dump.collapse(graph)
+    assert "transformer.h.1.attn" in Q and "transformer.h.1.mlp" in Q
+    attn = Q.nodes["transformer.h.1.attn"]
+    assert attn["section"] == "blocks.1" and attn["module_class"] == "GPT2Attention"
+    assert SEARCH in attn["sites"]
+    assert attn["site_shapes"][attn["sites"].index(SEARCH)] == "[batch, 4, pos, pos]"
+    # every op lands in exactly one module, and the modules keep the dataflow
+    assert sum(d["n_ops"] for _, d in Q.nodes(data=True)) == graph.number_of_nodes()
+    assert Q.has_edge("transformer.h.1.ln_1", "transformer.h.1.attn")
+
+
+def test_nodes_carry_op_shape_module_site_and_pass(graph):
+    hook = next(d for _, d in graph.nodes(data=True) if d["site"] == SEARCH)
+    assert (hook["op"], hook["target"], hook["created_by"]) == ("call_module", "HookPoint", "insert_hooks")
+    assert (hook["shape"], hook["dtype"], hook["module"]) == ("[batch, 4, pos, pos]", "float32",
+                                                              "transformer.h.1.attn")
+    found = next(d for _, d in graph.nodes(data=True) if SEARCH in d["sites"])
+    assert found["target"] == "aten.softmax.int" and found["created_by"] == ""
+    scale = next(d for _, d in graph.nodes(data=True) if "blocks.0.ln1.hook_scale" in d["sites"])
+    assert scale["created_by"] == "expose_norms" and scale["module"] == "transformer.h.0.ln_1"
+    param = graph.nodes["transformer_h_0_attn_c_attn_weight"]
+    assert (param["op"], param["shape"], param["module"]) == ("get_attr", "[64, 192]",
+                                                              "transformer.h.0.attn.c_attn")
+
+
+def test_changed_parameters_show_the_pass(gpt2, monkeypatch):
+    node = next(n for n in gpt2.graph_module.graph.nodes if n.op == "get_attr")
+    monkeypatch.setitem(node.meta, "fxlens.changed_by", ["fold_ln", "center_writing_weights"])
+    text = dump.render(gpt2.graph_module, "txt")
+    line = next(x for x in text.splitlines() if x.strip().startswith(node.name + " "))
+    assert "changed_by=fold_ln,center_writing_weights" in line
+
+
+def test_processed_model_dump_names_the_weight_passes():
+    model = fxlens.from_pretrained(DATA / "models" / "gpt2")
+    G = dump.to_networkx(model.graph_module)
+    changed = {p for _, d in G.nodes(data=True) for p in d["changed_by"]}
+    assert "fold_ln" in changed
+    text = dump.render(G, "txt")
+    assert re.search(r"c_attn\.weight .*changed_by=.*fold_ln", text)
+
+
+def test_svg_without_graphviz_says_how_to_get_it(graph, monkeypatch):
+    monkeypatch.setattr(dump.shutil, "which", lambda name: None)
+    with pytest.raises(dump.DumpError, match="graphviz.*apt-get install graphviz"):
+        dump.render(graph, "svg")
+
+
+def test_format_from_suffix_or_flag(tmp_path):
+    assert dump.format_of("g.HTML") == "html"
+    assert dump.format_of("g.out", "dot") == "dot"
+    with pytest.raises(dump.DumpError, match="suffix"):
+        dump.format_of("g.png")
+    with pytest.raises(dump.DumpError, match="does not exist"):
+        dump.check_writable(tmp_path / "missing" / "g.txt")
+    with pytest.raises(dump.DumpError, match="cannot write"):
+        dump.write_text(tmp_path / "missing" / "g.txt", "")
+
+
+def test_html_page_is_self_contained(graph):
+    page = dump.render(graph, "html")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)
+
+
+def _chromium(args: list[str], tmp_path, name: str) -> subprocess.CompletedProcess:
+    exe = need_tool(shutil.which("chromium") or CHROMIUM, "Chromium")
+    profile = tmp_path / f"profile-{name}"
+    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_html_search_finds_a_hook_in_headless_chromium(graph, tmp_path):
+    page = tmp_path / "gpt2.html"
+    page.write_text(dump.render(graph, "html"))
+    # the page runs the search named in its URL, as typing it in the box does
+    url = f"{page.as_uri()}#search={SEARCH}"
+    dom = _chromium(["--dump-dom", url], tmp_path, "dom").stdout
+    hook_id, hook = next((n, d) for n, d in graph.nodes(data=True) if d["site"] == SEARCH)
+
+    results = re.search(r'<section id="results">(.*?)</section>', dom, re.S)
+    assert results, f"no search results in the rendered page:\n{dom[:2000]}"
+    first = re.search(r'<li class="result" data-id="([^"]+)" data-site="([^"]*)"', results.group(1))
+    assert first.groups() == (hook_id, SEARCH)
+
+    details = re.search(r'<section id="details"([^>]*)>(.*?)</section>', dom, re.S)
+    assert f'data-site="{SEARCH}"' in details.group(1)
+    assert f'<dd data-key="shape">{hook["shape"]}</dd>' in details.group(2)
+    assert '<dd data-key="module path">transformer.h.1.attn</dd>' in details.group(2)
+    # the tree opened blocks.1 and its attention and marked the hook's row
+    assert re.search(rf'<div class="op hook selected" data-id="{hook_id}"', dom)
+    assert re.search(r'<details class="section" data-section="blocks.1" open="">', dom)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dump_html_search.png"
+    shot.unlink(missing_ok=True)
+    _chromium([f"--screenshot={shot}", url], tmp_path, "shot")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
