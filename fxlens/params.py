@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph import linear_parts
+from .graph import linear_of, linear_parts
 
 aten = torch.ops.aten
 
@@ -103,7 +103,9 @@ class Linear:
     def parts(self):
         if getattr(self.node, "_erased", False):
             return self._snapshot
-        return linear_parts(self.node) or self._snapshot
+        # a bias added by a pass makes `add(op, b)` the linear's result
+        lin = linear_of(self.node)
+        return linear_parts(lin) if lin is not None else self._snapshot
 
     def weight(self, gm) -> torch.Tensor:
         p = self.parts
@@ -125,7 +127,7 @@ class Linear:
         if p.b is not None:
             set_param(gm, p.b, p.b_user, b, pass_name, log)
             return True
-        if self.node.target is not aten.linear.default:
+        if self.node.target not in (aten.linear.default, aten.matmul.default, aten.mm.default):
             return False
         prefix, _, attr = p.w.target.rpartition(".")
         owner = gm.get_submodule(prefix) if prefix else gm
@@ -135,9 +137,17 @@ class Linear:
         with gm.graph.inserting_before(self.node):
             bnode = gm.graph.get_attr(target)
         bnode.meta["fxlens.changed_by"] = [pass_name]
-        args = list(self.node.args) + [None] * (3 - len(self.node.args))
-        args[2] = bnode
-        self.node.args = tuple(args)
+        bnode.meta["val"] = b
+        if self.node.target is aten.linear.default:
+            args = list(self.node.args) + [None] * (3 - len(self.node.args))
+            args[2] = bnode
+            self.node.args = tuple(args)
+        else:  # x @ W.T has no bias slot: add one after it
+            with gm.graph.inserting_after(self.node):
+                add = gm.graph.call_function(aten.add.Tensor, (self.node, bnode))
+            add.meta.update({k: v for k, v in self.node.meta.items() if k in ("val", "nn_module_stack")})
+            add.meta["fxlens.created_by"] = pass_name
+            self.node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
         if log is not None:
             log.record(target, pass_name)
         return True

@@ -10,11 +10,13 @@ columns of each (head, d_head) position.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
 
 
-_CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
+CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
           torch.ops.aten.type_as.default}
 
 
@@ -38,7 +40,7 @@ def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Ten
             if n.op == "placeholder":
                 env[n] = ids
             elif n.op == "get_attr":
-                env[n] = torch.zeros(())  # never on an index path; sizes only
+                env[n] = functools.reduce(getattr, n.target.split("."), gm)  # e.g. Falcon's k/v index
             elif n in sources:
                 shape = [1 if not isinstance(d, int) else d for d in n.meta["val"].shape]
                 env[n] = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float64).reshape(shape)
@@ -52,7 +54,7 @@ def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Ten
                 if n.op == "call_module":       # hook points: identity while no hook is attached
                     env[n] = gm.get_submodule(n.target)(*args, **kwargs)
                 else:
-                    env[n] = args[0] if n.target in _CASTS else n.target(*args, **kwargs)
+                    env[n] = args[0] if n.target in CASTS else n.target(*args, **kwargs)
             stack.pop()
         return env[node]
 

@@ -27,6 +27,7 @@ import torch.fx as fx
 from fxlens.errors import PassError
 from fxlens.graph import is_layout, linear_of, linear_parts, module_paths, output_node
 from fxlens.params import Linear, get_tensor
+from fxlens.trace import CASTS
 from fxlens.passes_base import PassResult
 
 NAME = "fold_ln"
@@ -98,6 +99,9 @@ def affine_of(gm: fx.GraphModule, normalized: fx.Node, tail: list[fx.Node], d: i
     def run(x):
         env = {normalized: x}
         for n in tail:
+            if n.target in CASTS:        # x.type_as(input), .to(dtype): values pass unchanged
+                env[n] = value(n.args[0], env)
+                continue
             args = torch.utils._pytree.tree_map(lambda a: value(a, env), n.args)
             kwargs = torch.utils._pytree.tree_map(lambda a: value(a, env), n.kwargs)
             env[n] = n.target(*args, **kwargs)

@@ -156,3 +156,41 @@ def test_bad_processing_input():
         fxlens.from_pretrained(DATA / "models" / "gpt2", fold_lm=True)
     with pytest.warns(UserWarning, match="precision"):
         fxlens.from_pretrained(DATA / "models" / "gpt2", dtype=torch.bfloat16, self_check=False)
+
+
+# --- every architecture of the generality suite ------------------------------------
+
+from tiny_models import tiny_model  # noqa: E402
+from test_generality import ARCHS as TINY_ARCHS  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_captured(arch: str):
+    model = tiny_model(arch)
+    return fxlens.capture(model), model
+
+
+@pytest.mark.parametrize("combo", SINGLES, ids=lambda c: "".join("1" if f else "0" for f in c))
+@pytest.mark.parametrize("tiny", TINY_ARCHS)
+def test_processing_keeps_hf_log_probs_on_every_architecture(tiny, combo):
+    cap, hf = tiny_captured(tiny)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = fxlens.from_pretrained(cap, **dict(zip(FLAGS, combo)))
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(tokens, use_cache=False).logits.log_softmax(-1)
+    # float32 rounding of the folded weights only: 1e-4 of the largest log-prob
+    assert rel_err(model(tokens).log_softmax(-1), want) <= RTOL
+    # what could not be applied is said, not silently dropped
+    skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert len(skipped) == len(model.processing.skipped)
+
+
+def test_post_norms_are_skipped_with_the_reason():
+    cap, _ = tiny_captured("gemma2")
+    with pytest.warns(UserWarning, match=r"post_attention_layernorm feeds .*not only linears"):
+        model = fxlens.from_pretrained(cap)
+    # the pre-norms were folded all the same
+    assert any("fold_ln" in v for v in model.processing.changed.values())
+    assert model.processing["fold_ln"]
