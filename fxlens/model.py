@@ -63,8 +63,8 @@ class HookedModel(WeightsMixin, nn.Module):
     def _materialise(self, name: str) -> None:
         from fxlens.passes import materialise_opt_in
 
-        self._maps()  # weight views are traced on the graph as built, before it is rewritten
-        result = materialise_opt_in(self.graph_module, self.spec, name)
+        maps = self._maps()  # traced on the graph as built, before it is rewritten
+        result = materialise_opt_in(self.graph_module, self.spec, name, maps)
         self.pass_results.append(result)
         self._graph_changed()
 

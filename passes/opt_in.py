@@ -7,6 +7,14 @@ attn.hook_result  [b, s, h, m]
   Matches  the attention's output projection o = z_flat @ W_O + b_O.
   Rewrites o -> result = einsum('bshd,hdm->bshm', z, W_O per head); hook;
            o' = result.sum(heads) + b_O
+hook_q_input / hook_k_input / hook_v_input   [b, s, h (kv heads for k, v), m]
+hook_attn_in      [b, s, h, m]  (one input for q, k and v; not with grouped kv heads)
+  Matches  resid_pre, the attention's norm (ln1) and the q/k/v projections,
+           whose per-head output columns come from index tracing.
+  Rewrites resid_pre -> x_h = resid_pre repeated per head; hook; ln1 on each
+           head's copy; y = x_h_ln @ W^T + b; each head keeps its own columns
+           -> replaces what the hook_q (k, v) site node held. Unedited, every head
+           sees the same input and the numbers are the model's.
 hook_mlp_in       [b, s, m]
   Matches  the residual value entering the MLP's norm (or its projections).
   Rewrites only those edges go through the hook, as TransformerLens's
@@ -22,7 +30,7 @@ import torch.fx as fx
 
 from fxlens.analysis import residual_layout
 from fxlens.errors import FxlensError
-from fxlens.graph import is_layout, linear_parts, module_paths, shape, walk_back
+from fxlens.graph import is_layout, linear_parts, module_paths, output_node, shape, walk_back
 from fxlens.hook_points import Layout
 from fxlens.names import split_name
 from fxlens.passes_base import PassResult
@@ -79,7 +87,106 @@ def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
     return result
 
 
-def materialise_opt_in(gm: fx.GraphModule, spec, name: str) -> PassResult:
+class FromTL(torch.nn.Module):
+    """Maps a TransformerLens-layout value back to a site node's own layout."""
+
+    def __init__(self, layout: Layout):
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, x):
+        return self.layout.from_tl(x, x)
+
+
+def _site_node(graph: fx.Graph, name: str) -> tuple[fx.Node, fx.Node, Layout]:
+    """(hook node, the node it reads, layout) of a materialised site."""
+    hook = next(n for n in graph.nodes if n.meta.get("fxlens.site") == name)
+    src = hook.args[0]
+    while not any(nm == name for nm, _, _ in src.meta.get("fxlens.sites", [])):
+        src = src.args[0]   # chained hooks on one node (resid_post L-1, then resid_pre L)
+    layout = next(lay for nm, lay, _ in src.meta["fxlens.sites"] if nm == name)
+    return hook, src, layout
+
+
+def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
+    """Apply the norm module `norm` to `x` by copying its nodes (its ops reduce over
+    the last dim, so a head axis passes through). Hook points inside are skipped."""
+    nodes = [n for n in graph.nodes if norm in module_paths(n)]
+    inner = set(nodes)
+    env = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inner and a.op != "get_attr" and a not in env and shape(a) and len(shape(a)) >= 2:
+                env[a] = x
+    last = None
+    for n in nodes:
+        if n.op == "call_module":
+            env[n] = env[n.args[0]]
+        else:
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+            env[n].meta.pop("fxlens.sites", None)
+            env[n].meta.pop("fxlens.norm_part", None)
+        last = n
+    out = output_node(nodes) or last
+    return env[out]
+
+
+def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    gm.register_buffer(name, value, persistent=False)
+    return gm.graph.get_attr(name)
+
+
+def _split_inputs(gm: fx.GraphModule, spec, maps, layer: int, short: str) -> None:
+    b = spec.blocks[layer]
+    graph = gm.graph
+    names = {r: f"blocks.{layer}.hook_{r}_input" for r in "qkv"}
+    split = any(n.meta.get("fxlens.site") in names.values() for n in graph.nodes)
+    shared = any(n.meta.get("fxlens.site") == f"blocks.{layer}.hook_attn_in" for n in graph.nodes)
+    if (short == "hook_attn_in" and split) or (short != "hook_attn_in" and shared):
+        raise OptInError(f"{NAME}: blocks.{layer}: hook_attn_in and hook_q/k/v_input exclude each "
+                         f"other (as in TransformerLens); use one kind per model")
+    if short == "hook_attn_in" and b.n_kv_heads != b.n_heads:
+        raise OptInError(f"{NAME}: blocks.{layer}.hook_attn_in: k and v have {b.n_kv_heads} kv heads "
+                         f"for {b.n_heads} query heads; use hook_k_input / hook_v_input instead")
+    roles = "qkv" if short == "hook_attn_in" else short[len("hook_")]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    # the shared input of hook_attn_in must come before the first of the three sites
+    roles = sorted(roles, key=lambda r: order[_site_node(graph, f"blocks.{layer}.attn.hook_{r}")[1]])
+    resid, _, _ = _site_node(graph, f"blocks.{layer}.hook_resid_pre")
+    x_shared = None
+    for role in roles:
+        lin, cols = getattr(maps, role)                  # cols [head, d_head] of the projection's output
+        hook, site, layout = _site_node(graph, f"blocks.{layer}.attn.hook_{role}")
+        heads = cols.shape[0]
+        with graph.inserting_before(site):
+            if x_shared is None or short != "hook_attn_in":
+                # [b, s, m] -> [b, s, head, m]: each head reads its own copy
+                x = graph.call_function(aten.expand.default,
+                                        (graph.call_function(aten.unsqueeze.default, (resid, 2)), [-1, -1, heads, -1]))
+                x.meta["val"] = resid.meta["val"].unsqueeze(2).expand(-1, -1, heads, -1)
+                site_name = f"blocks.{layer}.{short}"
+                _annotate(x, site_name)
+                x_shared = x
+            x = x_shared
+            x_ln = _copy_norm(graph, b.ln1, x) if b.ln1 else x
+            parts = lin.parts
+            w = parts.w if parts.out_in else graph.call_function(aten.t.default, (parts.w,))
+            y = graph.call_function(aten.linear.default, (x_ln, w, parts.b))       # [b, s, head, out]
+            tag = f"fxlens_opt_in_{layer}_{role}_{short}"
+            head_idx = _buffer(gm, f"{tag}_heads", torch.arange(heads)[:, None])
+            col_idx = _buffer(gm, f"{tag}_cols", cols.clone())
+            per_head = graph.call_function(aten.index.Tensor, (y, [None, None, head_idx, col_idx]))  # [b, s, head, d_head]
+            gm.add_module(tag, FromTL(layout))
+            back = graph.call_module(tag, (per_head,))
+        for n in (y, per_head, back):
+            n.meta["nn_module_stack"] = dict(site.meta.get("nn_module_stack", {}))
+            n.meta["fxlens.created_by"] = NAME
+        back.meta["val"] = site.meta.get("val")
+        hook.replace_input_with(site, back)
+    graph.eliminate_dead_code()
+
+
+def materialise_opt_in(gm: fx.GraphModule, spec, name: str, maps=None) -> PassResult:
     layer, short = split_name(name)
     if layer is None or not 0 <= layer < len(spec.blocks):
         raise OptInError(f"{NAME}: {name} names no block of this model (0..{len(spec.blocks) - 1})")
@@ -99,10 +206,12 @@ def materialise_opt_in(gm: fx.GraphModule, spec, name: str) -> PassResult:
             src = b.mlp_in_node
             users = [u for u in src.users if u in b.mlp_nodes]
         _annotate(src, name, residual_layout(gm.graph, src), users)
+    elif short in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"):
+        if maps is None:
+            raise OptInError(f"{NAME}: {name} needs the model's column maps")
+        _split_inputs(gm, spec, maps[layer], layer, short)
     else:
-        raise OptInError(
-            f"{NAME}: {name} is not available yet: fxlens materialises attn.hook_result and "
-            f"hook_mlp_in on demand; per-head q/k/v inputs and hook_attn_in are not implemented")
+        raise OptInError(f"{NAME}: {name} is not an opt-in site fxlens knows")
     result = insert_hooks(gm, only={name})
     gm.recompile()
     return PassResult(NAME, matched=result.matched, details={"site": name})

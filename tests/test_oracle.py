@@ -54,7 +54,8 @@ def test_attention_scores_are_masked_like_transformerlens(arch):
         assert torch.isinf(got[..., future]).all()
 
 
-@pytest.mark.parametrize("site", ["attn.hook_result", "hook_mlp_in"])
+@pytest.mark.parametrize("site", ["attn.hook_result", "hook_mlp_in", "hook_q_input", "hook_k_input",
+                                  "hook_v_input"])
 def test_opt_in_sites_match_transformerlens(arch, site):
     """Opt-in sites exist once a user names them, with no flag set first."""
     model = oracle_model(arch)
@@ -68,3 +69,44 @@ def test_opt_in_sites_match_transformerlens(arch, site):
     assert rel_err(logits, oracle(arch, "raw_logits")["logits"]) <= RTOL
     # and the default sites stay as they were
     assert all(name in model.hook_names for name in names)
+
+
+def test_per_head_inputs_edit_one_head_only(arch):
+    """hook_q_input holds one copy of resid_pre per head; editing head 1's copy moves
+    head 1's q and nothing else (k reads its own input)."""
+    model = oracle_model(arch)
+    tokens = oracle(arch, "tokens")["tokens"]
+    _, base = model.run_with_cache(tokens, names_filter=["blocks.1.attn.hook_q", "blocks.1.attn.hook_k"])
+    seen = {}
+
+    def shift(x, hook):
+        x = x.clone()
+        x[:, :, 1] += torch.linspace(-1, 1, x.shape[-1])   # a direction LayerNorm does not remove
+        return x
+
+    def save(x, hook):
+        seen[hook.name] = x
+
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_q_input", shift),
+                                            ("blocks.1.attn.hook_q", save), ("blocks.1.attn.hook_k", save)])
+    change = (seen["blocks.1.attn.hook_q"] - base["blocks.1.attn.hook_q"]).abs().amax(dim=(0, 1, 3))
+    assert change[1] > 1e-2 and torch.all(change[[0, 2, 3]] == 0)
+    assert torch.equal(seen["blocks.1.attn.hook_k"], base["blocks.1.attn.hook_k"])
+
+
+def test_hook_attn_in_is_one_input_for_q_k_v():
+    import fxlens
+    from conftest import captured
+
+    model = fxlens.from_pretrained_no_processing(captured("gpt2"))
+    tokens = oracle("gpt2", "tokens")["tokens"]
+    logits, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_attn_in", "blocks.0.hook_resid_pre"])
+    attn_in = cache["blocks.0.hook_attn_in"]
+    assert attn_in.shape == (2, 8, model.cfg.n_heads, model.cfg.d_model)
+    assert torch.equal(attn_in, cache["blocks.0.hook_resid_pre"][:, :, None].expand_as(attn_in))
+    assert rel_err(logits, oracle("gpt2", "raw_logits")["logits"]) <= RTOL
+    with pytest.raises(fxlens.FxlensError, match="exclude each other"):
+        model.run_with_cache(tokens, names_filter=["blocks.0.hook_q_input"])
+    gqa = fxlens.from_pretrained_no_processing(captured("llama"))
+    with pytest.raises(fxlens.FxlensError, match="kv heads"):
+        gqa.run_with_cache(tokens, names_filter=["blocks.0.hook_attn_in"])

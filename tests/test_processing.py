@@ -34,7 +34,8 @@ def test_processed_activations_match_transformerlens(arch):
 def test_processed_opt_in_sites_match_transformerlens(arch):
     model = processed(arch)
     ref = oracle(arch, "processed_extra")
-    names = [f"blocks.{i}.{s}" for i in range(model.cfg.n_layers) for s in ("attn.hook_result", "hook_mlp_in")]
+    names = [f"blocks.{i}.{s}" for i in range(model.cfg.n_layers)
+             for s in ("attn.hook_result", "hook_mlp_in", "hook_q_input", "hook_k_input", "hook_v_input")]
     _, cache = model.run_with_cache(oracle(arch, "tokens")["tokens"], names_filter=names)
     for name in names:
         assert rel_err(cache[name], ref[name]) <= RTOL, name
