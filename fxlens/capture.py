@@ -70,7 +70,8 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
         raise CaptureError(f"cannot load a model from {type(source).__name__}; pass a path, "
                            f"a cached hub id or a transformers PreTrainedModel")
     if tokenizer is None and tok_source is not None:
-        tok_kwargs = {k: hf_kwargs[k] for k in ("gguf_file", "local_files_only") if k in hf_kwargs}
+        tok_kwargs = {k: hf_kwargs[k] for k in ("gguf_file", "local_files_only", "cache_dir", "revision",
+                                                "token", "trust_remote_code") if k in hf_kwargs}
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
         except Exception as exc:  # a checkpoint without tokenizer files is fine: tokens still work

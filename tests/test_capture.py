@@ -1,0 +1,42 @@
+"""Capture from each kind of source: a folder, a hub id in the local HF cache, a model object."""
+
+import shutil
+
+import pytest
+import torch
+
+import fxlens
+from conftest import DATA, hf_model
+
+
+def _fake_hub_cache(root, repo: str, src) -> None:
+    """The layout huggingface_hub uses for a downloaded repo: refs/main -> snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_from_the_local_cache(tmp_path):
+    _fake_hub_cache(tmp_path, "fxlens-test/tiny-gpt2", DATA / "models" / "gpt2")
+    model = fxlens.from_pretrained_no_processing("fxlens-test/tiny-gpt2", cache_dir=str(tmp_path))
+    tokens = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        want = hf_model("gpt2")(tokens).logits
+    assert (model(tokens) - want).abs().max() <= 1e-4 * want.abs().max()  # float32 rounding
+    assert model.tokenizer is not None  # the tokenizer came from the cache too
+
+
+def test_hub_id_not_in_the_cache_fails_fast_without_network(tmp_path):
+    with pytest.raises(fxlens.CaptureError, match="local HF cache"):
+        fxlens.from_pretrained_no_processing("fxlens-test/not-there", cache_dir=str(tmp_path))
+
+
+def test_in_memory_model_and_a_folder_give_the_same_graph():
+    from_folder = fxlens.from_pretrained_no_processing(DATA / "models" / "llama")
+    from_object = fxlens.from_pretrained_no_processing(hf_model("llama"))
+    tokens = torch.tensor([[1, 5, 9, 200, 17]])
+    assert torch.equal(from_folder(tokens), from_object(tokens))
+    assert from_folder.hook_names == from_object.hook_names
+    assert from_object.tokenizer is not None  # found beside the weights (name_or_path)
