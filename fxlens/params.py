@@ -121,6 +121,21 @@ class Linear:
         w = w if p.out_in else w.t()
         set_param(gm, p.w, p.w_user, w.contiguous(), pass_name, log)
 
+    def center_outputs(self, gm, pass_name: str, log) -> None:
+        """W -> W - mean over outputs, b -> b - mean(b): every output vector loses
+        its component along the all-ones direction."""
+        w = self.weight(gm)                              # [out, in]
+        self.set_weight(gm, w - w.mean(0, keepdim=True), pass_name, log)
+        b = self.bias(gm)
+        if b is not None:
+            self.set_bias(gm, b - b.mean(), pass_name, log)
+
+    def outputs_centred(self, gm) -> bool:
+        """Invariant check: float32 leaves ~1e-7 relative rounding; half precision its own epsilon."""
+        w = self.weight(gm)
+        tol = 16 * torch.finfo(w.dtype).eps * max(1.0, w.abs().max().item())
+        return bool(w.float().mean(0).abs().max() <= tol)
+
     def set_bias(self, gm, b: torch.Tensor, pass_name: str, log) -> bool:
         """Set the bias, adding one to a bias-free `aten.linear`. False if it cannot."""
         p = self.parts

@@ -11,8 +11,6 @@ Invariant W_U has mean ~0 over the vocabulary.
 
 from __future__ import annotations
 
-import torch
-
 from fxlens.errors import PassError
 from fxlens.graph import is_layout
 from fxlens.params import Linear
@@ -39,15 +37,9 @@ def center_unembed(gm, spec, log) -> PassResult:
         reason = "the logits pass a non-linear op (soft-capping?) after the unembedding"
         log.skipped.append(f"{NAME}: {reason}")
         return PassResult(NAME, matched=0, skipped=(reason,))
-    lin = Linear(node)
-    w = lin.weight(gm)                                    # [d_vocab, d_model]
-    lin.set_weight(gm, w - w.mean(0, keepdim=True), NAME, log)
-    b = lin.bias(gm)
-    if b is not None:
-        lin.set_bias(gm, b - b.mean(), NAME, log)
-    w = lin.weight(gm)
-    # float32: ~1e-7 relative rounding; half precision: its own epsilon
-    if w.float().mean(0).abs().max() > 16 * torch.finfo(w.dtype).eps * max(1.0, w.abs().max().item()):
+    lin = Linear(node)                                    # W_U stored [d_vocab, d_model]
+    lin.center_outputs(gm, NAME, log)
+    if not lin.outputs_centred(gm):
         raise PassError(NAME, "W_U still has a mean component")
     gm.recompile()
     return PassResult(NAME, matched=1)
