@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import ActivationCache
 from .errors import ContextLengthError, FxlensError, UnknownHookError
+from .analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
+from .generate import GenerateMixin
 from .hook_points import HookPoint
 from .names import canonical_order, is_opt_in
 from .weights import WeightsMixin
@@ -19,7 +19,7 @@ from .weights import WeightsMixin
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
-class HookedModel(WeightsMixin, nn.Module):
+class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
     """An HF model captured as a graph with TransformerLens hook points.
 
     Built by `fxlens.from_pretrained_no_processing(...)`; see DESIGN.md for the
@@ -301,14 +301,3 @@ class HookedModel(WeightsMixin, nn.Module):
         c = self.cfg
         return (f"HookedModel({c.model_name!r}: {c.n_layers} layers, d_model={c.d_model}, "
                 f"{c.n_heads} heads, {len(self.hook_dict)} hooks)")
-
-
-def lm_cross_entropy_loss(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False):
-    """Next-token cross-entropy: position i predicts token i+1. [batch, pos-1] per token."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
-    return nll if per_token else nll.mean()
-
-
-def warn_once(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,217 @@
+"""Generation: greedy equals HF `generate` (tiny oracle models and SmolLM2-135M),
+hooks act at every step and leave with their block, seeded sampling, eos per row,
+prompts of different lengths, and one compiled graph for every step.
+
+Equality with HF is exact on token ids: greedy decoding takes the argmax of
+logits that agree to ~1e-6, and these prompts have no near-ties.
+Cost: SmolLM2 (gguf dequantisation + capture) is loaded once, ~30 s.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import captured, hf_model, oracle_model
+
+import fxlens
+from fxlens.checkpoints import smollm2
+from fxlens.errors import ContextLengthError, FxlensError
+from fxlens.generate import sample_logits
+
+pytestmark = pytest.mark.filterwarnings("ignore::fxlens.generate.KVCacheWarning")
+
+
+def prompts(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(7, 500, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input, n: int, **kw):
+    return model.generate(input, max_new_tokens=n, do_sample=False, verbose=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = smollm2()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return fxlens.from_pretrained_no_processing(hf, tokenizer=tok), hf
+
+
+# --- equality with HF ---------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_equals_hf_on_tiny_models(arch):
+    model, hf = oracle_model(arch), hf_model(arch)
+    ids = prompts(2, 6)
+    got = greedy(model, ids, 12, stop_at_eos=False)
+    # eos_token_id=None: HF runs all 12 steps too, as stop_at_eos=False does
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    assert got.shape == (2, 18) and torch.equal(got, want)
+
+
+def test_greedy_equals_hf_on_smollm2(smol):
+    model, hf = smol
+    text = "The capital of France is"
+    ids = model.to_tokens(text, prepend_bos=False)        # HF's tokenization adds no BOS here
+    want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    got = greedy(model, text, 8, prepend_bos=False, stop_at_eos=False, return_type="tokens")
+    assert want.shape == (1, ids.shape[1] + 8) and torch.equal(got, want)
+    assert model.to_string(got[0]).startswith(text + " Paris")
+
+
+# --- hooks ----------------------------------------------------------------------------
+def test_steering_hook_changes_text_and_leaves_with_its_block(smol):
+    model, _ = smol
+    text, site = "The capital of France is", "blocks.20.hook_resid_post"
+    london, paris = model.to_single_token(" London"), model.to_single_token(" Paris")
+    direction = model.W_E[london] - model.W_E[paris]                  # [d_model]
+    direction = 160 * direction / direction.norm()                    # ~ the residual's own size there
+    lengths = []
+
+    def steer(resid, hook):                                          # [batch, pos, d_model]
+        lengths.append(resid.shape[1])
+        return resid + direction                                      # every position, every step
+
+    with model.hooks(fwd_hooks=[(site, steer)]):
+        steered = greedy(model, text, 4, prepend_bos=False)
+    assert steered.startswith(text + " London")                       # unsteered: " Paris" (test above)
+    n = model.to_tokens(text, prepend_bos=False).shape[1]
+    assert lengths == [n, n + 1, n + 2, n + 3]                        # once a step, on the whole sequence
+    assert model.hook_dict[site].fwd_hooks == []
+
+
+def test_hooks_from_a_block_an_argument_or_add_hook_act_alike():
+    model, ids, site = oracle_model("llama"), prompts(2, 6), "blocks.1.hook_resid_post"
+
+    def steer(resid, hook):
+        return resid + 2.0
+
+    plain = greedy(model, ids, 6, stop_at_eos=False)
+    with model.hooks(fwd_hooks=[(site, steer)]):
+        steered = greedy(model, ids, 6, stop_at_eos=False)
+    assert not torch.equal(steered, plain)
+    assert torch.equal(greedy(model, ids, 6, stop_at_eos=False), plain)   # gone with its block
+    assert torch.equal(greedy(model, ids, 6, stop_at_eos=False, fwd_hooks=[(site, steer)]), steered)
+    assert model.hook_dict[site].fwd_hooks == []                          # gone with its call
+    model.add_hook(site, steer)
+    try:
+        assert torch.equal(greedy(model, ids, 6, stop_at_eos=False), steered)
+    finally:
+        model.reset_hooks()
+    assert torch.equal(greedy(model, ids, 6, stop_at_eos=False), plain)
+
+
+# --- sampling -----------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model, ids = oracle_model("llama"), prompts(2, 6)
+
+    def sample(seed, **kw):
+        torch.manual_seed(seed)
+        return model.generate(ids, max_new_tokens=8, stop_at_eos=False, verbose=False, **kw)
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    want = greedy(model, ids, 8, stop_at_eos=False)
+    assert torch.equal(sample(3, top_k=1), want)
+    assert torch.equal(sample(3, top_p=1e-6), want)               # only the most likely token survives
+    assert torch.equal(sample(3, temperature=0.0), want)
+    assert torch.equal(sample(5, top_k=20, temperature=0.7, freq_penalty=1.0),
+                       sample(5, top_k=20, temperature=0.7, freq_penalty=1.0))
+
+
+def test_sample_logits_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    torch.manual_seed(0)
+    assert set(sample_logits(logits, top_k=2).tolist()) == {0, 1}
+    # softmax([3,2,1,0]) = [.64, .24, .09, .03]: top_p=0.7 keeps the first two (mass .64 < .7)
+    assert set(sample_logits(logits, top_p=0.7).tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.5).tolist()) == {0}
+    # a penalty of 10 per occurrence pushes token 0 below the others
+    seen = torch.zeros(2000, 1, dtype=torch.long)
+    assert 0 not in set(sample_logits(logits, top_k=1, freq_penalty=10.0, tokens=seen).tolist())
+    with pytest.raises(ValueError, match="top_k=0"):
+        sample_logits(logits, top_k=0)
+
+
+# --- stopping and batches -------------------------------------------------------------------
+def test_stop_at_eos_stops_rows_independently():
+    model, ids = oracle_model("llama"), prompts(2, 6)
+    free = greedy(model, ids, 10, stop_at_eos=False)[:, 6:]      # [2, 10] what each row says
+    # an "eos" that row 0 says at step k and row 1 never says
+    k, eos = next((k, int(t)) for k, t in enumerate(free[0])
+                  if int(t) not in free[1].tolist() and int(t) not in free[0, :k].tolist())
+    got = greedy(model, ids, 10, eos_token_id=eos)[:, 6:]
+    assert torch.equal(got[1], free[1])
+    assert torch.equal(got[0, : k + 1], free[0, : k + 1]) and (got[0, k + 1:] == eos).all()
+    # one row alone stops as soon as it says eos
+    alone = greedy(model, ids[:1], 10, eos_token_id=[eos, 9999])
+    assert alone.shape == (1, 6 + k + 1) and alone[0, -1] == eos
+
+
+def test_prompts_of_different_lengths_match_one_by_one():
+    model = oracle_model("llama")
+    texts = ["t264 t156 t33", "t7 t8 t9 t10 t11 t12", "t40", "t99 t98 t97"]
+    alone = [greedy(model, t, 6, stop_at_eos=False) for t in texts]
+    assert greedy(model, texts, 6, stop_at_eos=False) == alone
+    # tokens: every row is its prompt and its own continuation, padded on the asked side
+    pad = model.tokenizer.pad_token_id
+    rows = [greedy(model, model.to_tokens(t), 6, stop_at_eos=False)[0] for t in texts]
+    for side in ("left", "right"):
+        got = greedy(model, texts, 6, stop_at_eos=False, return_type="tokens", padding_side=side)
+        assert got.shape == (4, max(len(r) for r in rows))
+        for g, r in zip(got, rows):
+            fill = g[: len(g) - len(r)] if side == "left" else g[len(r):]
+            assert torch.equal(g[len(g) - len(r):] if side == "left" else g[: len(r)], r)
+            assert (fill == pad).all()
+
+
+def test_return_types_and_errors():
+    model, ids = oracle_model("llama"), prompts(1, 4)
+    assert isinstance(greedy(model, "t264 t156", 3), str)
+    assert isinstance(greedy(model, ["t264 t156"], 3), str)      # a batch of one decodes to one string
+    assert greedy(model, ids[0], 3).shape == (7,)                 # 1-D tokens in, 1-D out
+    assert greedy(model, "t264 t156", 3, return_type="tokens").shape == (1, 6)
+    assert greedy(model, ids, 0).shape == (1, 4)
+    with pytest.raises(FxlensError, match="embeds"):
+        greedy(model, ids, 3, return_type="embeds")
+    with pytest.raises(FxlensError, match="embeddings"):
+        greedy(model, torch.randn(1, 4, 64), 3)
+    with pytest.raises(ContextLengthError, match="max_new_tokens=200"):
+        greedy(model, ids, 200)
+    with pytest.raises(ValueError, match="return_type"):
+        greedy(model, ids, 3, return_type="logits")
+
+
+def test_progress_bar_and_kv_cache_note_once(capsys, monkeypatch):
+    import fxlens.generate as gen
+
+    model, ids = oracle_model("llama"), prompts(1, 4)
+    monkeypatch.setattr(gen, "_kv_warned", False)
+    with pytest.warns(gen.KVCacheWarning, match="recomputes the whole prefix"):
+        model.generate(ids, max_new_tokens=5, stop_at_eos=False)          # verbose by default
+    assert "5/5" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # said once, not again
+        model.generate(ids, max_new_tokens=2, verbose=False)
+    assert capsys.readouterr().err == ""
+
+
+# --- compiled -----------------------------------------------------------------------------
+def test_compiled_model_generates_with_one_graph():
+    # dynamo with the "eager" backend: the same guards and recompiles as inductor, no codegen
+    model = fxlens.from_pretrained_no_processing(captured("gpt2")).compile(backend="eager")
+    ids = prompts(2, 5)
+    want = greedy(oracle_model("gpt2"), ids, 8, stop_at_eos=False)
+    assert torch.equal(greedy(model, ids, 8, stop_at_eos=False), want)
+    assert model.compile_stats()["compilations"] == 1              # 8 sequence lengths, one graph
+
+    def steer(resid, hook):
+        return resid + 3.0
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", steer)]):
+        greedy(model, ids, 8, stop_at_eos=False)
+    assert model.compile_stats()["compilations"] == 2              # one more for the hook set
