@@ -9,6 +9,7 @@ import torch
 from .cache import ActivationCache
 from .capture import Captured, capture
 from .config import make_config
+from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, PassError,
                      ProcessingError, SelfCheckError, UnknownHookError, UnmappableModelError)
 from .model import HookedModel
@@ -16,6 +17,7 @@ from .names import act_name
 from .pipeline import Context, run_pipeline
 
 __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
+           "encoder_from_pretrained_no_processing", "capture_encoder", "EncoderCaptured", "HookedEncoder",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
            "HookReturnError", "ContextLengthError", "SelfCheckError", "ProcessingError", "PassError"]
 
@@ -96,16 +98,41 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     return model.to(device)
 
 
+def encoder_from_pretrained_no_processing(source, *, device=None, dtype=torch.float32,
+                                          self_check: bool = True, on_pass=None, compile: bool = False,
+                                          **hf_kwargs) -> HookedEncoder:
+    """Instrument a BERT-style encoder with TransformerLens's HookedEncoder hook points.
+
+    `source`: a checkpoint folder (loaded as the class its config names, e.g.
+    BertForPreTraining or BertModel), a cached hub id, a `PreTrainedModel`, or an
+    `EncoderCaptured` from `fxlens.capture_encoder`. Weights are not processed
+    (neither are TransformerLens's HookedEncoder's). See `fxlens.encoder`.
+    """
+    model = build_encoder(source, device=device, dtype=dtype, self_check=self_check, on_pass=on_pass,
+                          hf_kwargs=hf_kwargs)
+    return model.compile() if compile else model
+
+
+def _is_encoder(source, kind: str) -> bool:
+    if kind not in ("decoder", "encoder"):
+        raise ValueError(f"kind={kind!r}; use 'decoder' (causal LMs) or 'encoder' (BERT-style)")
+    return kind == "encoder" or isinstance(source, EncoderCaptured)
+
+
 def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, self_check: bool = True,
                                   default_prepend_bos: bool | None = None, on_pass=None,
-                                  compile: bool = False, **hf_kwargs) -> HookedModel:
+                                  compile: bool = False, kind: str = "decoder", **hf_kwargs) -> HookedModel:
     """Instrument an HF causal LM with TransformerLens hook points, weights unprocessed.
 
     `source`: a checkpoint folder, a hub id already in the local HF cache, or a
     `PreTrainedModel`. Extra keywords go to `from_pretrained` (`gguf_file`,
     `revision`, ...) or set the tokenizer (`tokenizer=`). `compile=True` is
     `model.compile()`: calls run through torch.compile (see `fxlens.compiled`).
+    `kind="encoder"` is `encoder_from_pretrained_no_processing`.
     """
+    if _is_encoder(source, kind):
+        return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
+                                                     on_pass=on_pass, compile=compile, **hf_kwargs)
     flags = {f: False for f in PROCESSING_FLAGS}
     model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
     return model.compile() if compile else model
@@ -115,13 +142,18 @@ def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: boo
                     center_unembed: bool = True, fold_value_biases: bool = True,
                     refactor_factored_attn_matrices: bool = False, device=None, dtype=torch.float32,
                     self_check: bool = True, default_prepend_bos: bool | None = None, on_pass=None,
-                    compile: bool = False, **hf_kwargs) -> HookedModel:
+                    compile: bool = False, kind: str = "decoder", **hf_kwargs) -> HookedModel:
     """Instrument with TransformerLens's weight processing (its defaults: the four
     flags on). Each flag is a compiler pass; one that cannot apply to part of
     the model is skipped there with a warning, and `model.processing` records
-    what was applied and which parameters each pass changed."""
+    what was applied and which parameters each pass changed. Encoders
+    (`kind="encoder"`) load unprocessed, with a warning naming the flags skipped."""
     flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                  refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    if _is_encoder(source, kind):
+        warn_processing_skipped(flags)
+        return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
+                                                     on_pass=on_pass, compile=compile, **hf_kwargs)
     model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
     return model.compile() if compile else model

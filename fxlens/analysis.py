@@ -329,7 +329,44 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     return spec
 
 
-def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
+@dataclass
+class AttentionSites:
+    """One block's attention as `analyse_attention` found it."""
+    path: str                       # the block's child module that owns the softmax
+    nodes: set
+    softmax: fx.Node
+    z: fx.Node                      # pattern @ V
+    projections: list               # linears feeding q/k/v
+    qkv: dict                       # "q"|"k"|"v" -> (site node, projection)
+    o_proj: fx.Node
+    out: fx.Node                    # the branch output that joins the residual (attn_out)
+    post_norm: str | None           # a norm between the output projection and that add
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    rotary: bool
+
+
+@dataclass
+class MlpSites:
+    """One block's MLP as `analyse_mlp` found it."""
+    path: str | None                # None when the MLP is loose linears in the block (OPT)
+    nodes: set
+    out: fx.Node                    # the branch output that joins the residual (mlp_out)
+    post_norm: str | None
+    inputs: list                    # the values the MLP reads
+    proj: dict                      # "pre"|"pre_linear" -> (site node, projection)
+    writer: fx.Node | None          # the output projection (None for routed experts)
+    post: fx.Node | None
+    d_mlp: int | None
+    gated: bool
+    moe: bool
+
+
+def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> AttentionSites:
+    """The attention sites of block `bpath`, wherever its norms sit: attn_scores,
+    pattern, z, q/k/v (rot_q/rot_k) and attn_out."""
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
@@ -414,22 +451,32 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     d_model = shape(attn_out)[-1]
     if not g.is_resid(attn_out, d_model):
         raise _fail(f"attention {attn}", f"output of shape {shape(attn_out)}", "a [batch, pos, d_model] output")
+    return AttentionSites(path=attn, nodes=aset, softmax=softmax, z=z_mm, projections=projs, qkv=qkv,
+                          o_proj=o_proj, out=attn_out, post_norm=ln1_post, n_heads=n_heads,
+                          n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary)
 
-    # --- residual stream ---------------------------------------------------------
+
+def block_input(g: _Graph, bpath: str, bnodes: list, d_model) -> fx.Node:
+    """The residual stream entering block `bpath` (hook_resid_pre)."""
+    bset = set(bnodes)
     ins = [a for n in bnodes for a in n.all_input_nodes if a not in bset and g.is_resid(a, d_model)]
     ins = list(dict.fromkeys(ins))
     if len(ins) != 1:
         raise _fail(f"block {bpath}", f"{len(ins)} residual inputs", "exactly one")
-    resid_pre = ins[0]
-    resid_post = output_node(bnodes)
-    if resid_post is None or not g.is_resid(resid_post, d_model):
-        raise _fail(f"block {bpath}", f"output {shape(resid_post) if resid_post else None}", "a residual output")
+    return ins[0]
 
-    # --- MLP -----------------------------------------------------------------------
+
+def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: AttentionSites, norms: dict,
+                nodes_of) -> MlpSites:
+    """The MLP sites of block `bpath`: mlp.hook_pre / pre_linear / post, and the
+    branch output that joins the residual stream (mlp_out)."""
+    name = lambda short: block_name(layer, short)  # noqa: E731
+    bnodes = nodes_of(bpath)
+    bset = set(bnodes)
     children = {}
     for n in bnodes:
         c = _child(bpath, n)
-        if c and c != attn and c not in norms and linear_parts(n):
+        if c and c != attn.path and c not in norms and linear_parts(n):
             children.setdefault(c, []).append(n)
     if not children:
         raise _fail(f"block {bpath}", "no linear outside the attention", "an MLP")
@@ -439,7 +486,7 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     else:
         # the MLP is not one module (OPT: fc1, act, fc2 sit in the block itself)
         mlp = None
-        mnodes = _branch_nodes([n for ns in children.values() for n in ns], bset - aset, norms)
+        mnodes = _branch_nodes([n for ns in children.values() for n in ns], bset - attn.nodes, norms)
     mset = set(mnodes)
     mlp_out_raw = output_node(mnodes)
     mlp_out, ln2_post = _to_residual_add(mlp_out_raw, bset, norms, nodes_of)
@@ -477,15 +524,34 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
         sites.add(name("mlp.hook_post"), post)
         mlp_proj["pre"] = (pre, mclosure[pre])
         d_mlp = shape(post)[-1]
+    mlp_inputs = [linear_parts(r)[0] for r in reading] or \
+        [a for n in mnodes for a in n.all_input_nodes if a not in mset and g.is_resid(a, attn.d_model)]
+    return MlpSites(path=mlp, nodes=mset, out=mlp_out, post_norm=ln2_post, inputs=mlp_inputs,
+                    proj=mlp_proj, writer=None if moe else writer, post=post, d_mlp=d_mlp,
+                    gated=gated, moe=moe)
+
+
+def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
+    name = lambda short: block_name(layer, short)  # noqa: E731
+    bnodes = nodes_of(bpath)
+    bset = set(bnodes)
+    att = analyse_attention(g, sites, layer, bpath, norms, nodes_of)
+    attn_out, d_model = att.out, att.d_model
+
+    # --- residual stream ---------------------------------------------------------
+    resid_pre = block_input(g, bpath, bnodes, d_model)
+    resid_post = output_node(bnodes)
+    if resid_post is None or not g.is_resid(resid_post, d_model):
+        raise _fail(f"block {bpath}", f"output {shape(resid_post) if resid_post else None}", "a residual output")
+
+    mlp = analyse_mlp(g, sites, layer, bpath, att, norms, nodes_of)
 
     # --- norms feeding attention and MLP ---------------------------------------------
-    ln1 = next((nm for nm in (_norm_of(linear_parts(p)[0], norms) for p in projs) if nm), None)
-    mlp_inputs = [linear_parts(r)[0] for r in reading] or \
-        [a for n in mnodes for a in n.all_input_nodes if a not in mset and g.is_resid(a, d_model)]
-    ln2 = next((nm for nm in (_norm_of(x, norms) for x in mlp_inputs) if nm), None)
+    ln1 = next((nm for nm in (_norm_of(linear_parts(p)[0], norms) for p in att.projections) if nm), None)
+    ln2 = next((nm for nm in (_norm_of(x, norms) for x in mlp.inputs) if nm), None)
     if ln2 == ln1:
         ln2 = None
-    for tag, norm in (("ln1", ln1), ("ln1_post", ln1_post), ("ln2", ln2), ("ln2_post", ln2_post)):
+    for tag, norm in (("ln1", ln1), ("ln1_post", att.post_norm), ("ln2", ln2), ("ln2_post", mlp.post_norm)):
         if norm:
             sites.add(name(f"{tag}.hook_scale"), norms[norm]["scale"])
             sites.add(name(f"{tag}.hook_normalized"), norms[norm]["normalized"])
@@ -496,23 +562,23 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
         raise _fail(f"block {bpath}", f"attention output {attn_out.name} used by {list(attn_out.users)}",
                     "the add that joins it to the residual stream")
     mlp_anc = set()
-    for x in mlp_inputs:
+    for x in mlp.inputs:
         mlp_anc |= ancestors(x, lambda n: n in bset) | {x}
     parallel = resid_add not in mlp_anc
     sites.add(name("hook_resid_pre"), resid_pre)
     sites.add(name("hook_attn_out"), attn_out)
     if not parallel:
         sites.add(name("hook_resid_mid"), resid_add)
-    sites.add(name("hook_mlp_out"), mlp_out)
+    sites.add(name("hook_mlp_out"), mlp.out)
     sites.add(name("hook_resid_post"), resid_post)
 
-    b = BlockSpec(layer=layer, path=bpath, attn=attn, mlp=mlp, ln1=ln1, ln2=ln2, ln1_post=ln1_post,
-                  ln2_post=ln2_post, parallel=parallel, gated=gated, rotary=rotary, moe=moe,
-                  n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=d_mlp,
-                  d_model=d_model, projections=projs, qkv=qkv, o_proj=o_proj, z=z_mm,
-                  mlp_proj=mlp_proj, writer=None if moe else writer, post=post,
-                  resid_pre=resid_pre, resid_mid=None if parallel else resid_add,
-                  mlp_in_node=mlp_inputs[0] if mlp_inputs else None, mlp_nodes=mset)
+    b = BlockSpec(layer=layer, path=bpath, attn=att.path, mlp=mlp.path, ln1=ln1, ln2=ln2,
+                  ln1_post=att.post_norm, ln2_post=mlp.post_norm, parallel=parallel, gated=mlp.gated,
+                  rotary=att.rotary, moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads,
+                  d_head=att.d_head, d_mlp=mlp.d_mlp, d_model=d_model, projections=att.projections,
+                  qkv=att.qkv, o_proj=att.o_proj, z=att.z, mlp_proj=mlp.proj, writer=mlp.writer,
+                  post=mlp.post, resid_pre=resid_pre, resid_mid=None if parallel else resid_add,
+                  mlp_in_node=mlp.inputs[0] if mlp.inputs else None, mlp_nodes=mlp.nodes)
     return b
 
 

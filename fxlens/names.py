@@ -25,6 +25,28 @@ BLOCK_SITES = (
 
 FINAL_SITES = ("ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
+# TransformerLens's HookedEncoder (BERT): post-LN blocks, so ln1 normalises
+# resid_mid (the MLP reads it), ln2 normalises resid_post, and the next block
+# reads hook_normalized_resid_post; the embeddings are summed and normalised.
+ENCODER_EMBED_SITES = ("embed.hook_embed", "embed.hook_pos_embed", "embed.hook_token_type_embed",
+                       "embed.ln.hook_scale", "embed.ln.hook_normalized", "hook_full_embed")
+
+ENCODER_BLOCK_SITES = (
+    "hook_resid_pre", "hook_q_input", "hook_k_input", "hook_v_input",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "ln1.hook_scale", "ln1.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+    "ln2.hook_scale", "ln2.hook_normalized", "hook_normalized_resid_post",
+)
+
+ENCODER_FINAL_SITES = ("mlm_head.ln.hook_scale", "mlm_head.ln.hook_normalized", "unembed.hook_in",
+                       "unembed.hook_out")
+
+# names only an encoder has: a set of names holding one is ordered as an encoder's
+_ENCODER_ONLY = (set(ENCODER_EMBED_SITES) | set(ENCODER_FINAL_SITES[:2])
+                 | {"hook_normalized_resid_post"})
+
 # Sites TransformerLens only has when a config flag is set; fxlens materialises
 # them the first time a user asks for one by name.
 OPT_IN_SITES = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
@@ -48,10 +70,15 @@ def is_opt_in(name: str) -> bool:
 
 
 def canonical_order(names) -> list[str]:
-    """Sort hook names into TransformerLens execution order."""
-    rank_block = {s: i for i, s in enumerate(BLOCK_SITES)}
-    rank_embed = {s: i for i, s in enumerate(EMBED_SITES)}
-    rank_final = {s: i for i, s in enumerate(FINAL_SITES)}
+    """Sort hook names into TransformerLens execution order (HookedEncoder's
+    order when the names include an encoder-only one)."""
+    names = list(names)
+    encoder = any(split_name(n)[1] in _ENCODER_ONLY for n in names)
+    embed, block, final = ((ENCODER_EMBED_SITES, ENCODER_BLOCK_SITES, ENCODER_FINAL_SITES) if encoder
+                           else (EMBED_SITES, BLOCK_SITES, FINAL_SITES))
+    rank_block = {s: i for i, s in enumerate(block)}
+    rank_embed = {s: i for i, s in enumerate(embed)}
+    rank_final = {s: i for i, s in enumerate(final)}
 
     def key(name):
         layer, short = split_name(name)
