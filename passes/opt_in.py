@@ -110,8 +110,11 @@ def _site_node(graph: fx.Graph, name: str) -> tuple[fx.Node, fx.Node, Layout]:
 
 def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
     """Apply the norm module `norm` to `x` by copying its nodes (its ops reduce over
-    the last dim, so a head axis passes through). Hook points inside are skipped."""
-    nodes = [n for n in graph.nodes if norm in module_paths(n)]
+    the last dim, so a head axis passes through). The copies call the norm's own
+    hook points, so `ln1.hook_scale` / `hook_normalized` fire on each head's copy
+    ([batch, pos, head, 1] / [..., d_model]), as in TransformerLens's split-input mode."""
+    # the norm's own nodes, not copies made for another role
+    nodes = [n for n in graph.nodes if norm in module_paths(n) and n.meta.get("fxlens.created_by") != NAME]
     inner = set(nodes)
     env = {}
     for n in nodes:
@@ -121,11 +124,14 @@ def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
     last = None
     for n in nodes:
         if n.op == "call_module":
-            env[n] = env[n.args[0]]
+            env[n] = graph.call_module(n.target, (env[n.args[0]],) + tuple(n.args[1:]))
+            env[n].meta["nn_module_stack"] = dict(n.meta.get("nn_module_stack", {}))
+            env[n].meta["fxlens.site_copy"] = n.meta.get("fxlens.site")
         else:
             env[n] = graph.node_copy(n, lambda a: env.get(a, a))
             env[n].meta.pop("fxlens.sites", None)
             env[n].meta.pop("fxlens.norm_part", None)
+        env[n].meta["fxlens.created_by"] = NAME
         last = n
     out = output_node(nodes) or last
     return env[out]

@@ -58,7 +58,10 @@ def test_attention_scores_are_masked_like_transformerlens(arch):
                                   "hook_v_input"])
 def test_opt_in_sites_match_transformerlens(arch, site):
     """Opt-in sites exist once a user names them, with no flag set first."""
-    model = oracle_model(arch)
+    import fxlens
+    from conftest import captured
+
+    model = fxlens.from_pretrained_no_processing(captured(arch))  # its own: the rewrite changes the graph
     tokens = oracle(arch, "tokens")["tokens"]
     ref = oracle(arch, "raw_extra")
     names = [f"blocks.{layer}.{site}" for layer in range(model.cfg.n_layers)]
@@ -74,7 +77,10 @@ def test_opt_in_sites_match_transformerlens(arch, site):
 def test_per_head_inputs_edit_one_head_only(arch):
     """hook_q_input holds one copy of resid_pre per head; editing head 1's copy moves
     head 1's q and nothing else (k reads its own input)."""
-    model = oracle_model(arch)
+    import fxlens
+    from conftest import captured
+
+    model = fxlens.from_pretrained_no_processing(captured(arch))
     tokens = oracle(arch, "tokens")["tokens"]
     _, base = model.run_with_cache(tokens, names_filter=["blocks.1.attn.hook_q", "blocks.1.attn.hook_k"])
     seen = {}
@@ -105,6 +111,10 @@ def test_hook_attn_in_is_one_input_for_q_k_v():
     assert attn_in.shape == (2, 8, model.cfg.n_heads, model.cfg.d_model)
     assert torch.equal(attn_in, cache["blocks.0.hook_resid_pre"][:, :, None].expand_as(attn_in))
     assert rel_err(logits, oracle("gpt2", "raw_logits")["logits"]) <= RTOL
+    # ln1 now normalises each head's copy, and its hooks show the head axis (TransformerLens too)
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.ln1.hook_scale", "blocks.1.ln1.hook_scale"])
+    assert cache["blocks.0.ln1.hook_scale"].shape == (2, 8, model.cfg.n_heads, 1)
+    assert cache["blocks.1.ln1.hook_scale"].shape == (2, 8, 1)
     with pytest.raises(fxlens.FxlensError, match="exclude each other"):
         model.run_with_cache(tokens, names_filter=["blocks.0.hook_q_input"])
     gqa = fxlens.from_pretrained_no_processing(captured("llama"))

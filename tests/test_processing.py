@@ -32,7 +32,7 @@ def test_processed_activations_match_transformerlens(arch):
 
 
 def test_processed_opt_in_sites_match_transformerlens(arch):
-    model = processed(arch)
+    model = fxlens.from_pretrained(captured(arch))  # its own: opt-in sites rewrite the graph
     ref = oracle(arch, "processed_extra")
     names = [f"blocks.{i}.{s}" for i in range(model.cfg.n_layers)
              for s in ("attn.hook_result", "hook_mlp_in", "hook_q_input", "hook_k_input", "hook_v_input")]
