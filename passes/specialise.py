@@ -1,0 +1,153 @@
+"""specialise: shape a copy of the hooked graph to one set of observed sites.
+
+Matches  the HookPoint nodes (`call_module` nodes with `meta["fxlens.site"]`).
+Rewrites (on a copy: `fxlens.compiled` copies the model's graph first, and the
+model's own graph is never touched)
+  unobserved site   x -> hook(name) -> users  becomes  x -> users
+                    (the site costs nothing: no call, no copy)
+  cached site       x -> hook(name) -> users  becomes  x -> users,
+                    to_tl(x) -> an extra graph output
+  hooked site       x -> hook(name) -> users  kept: the HookPoint runs the
+                    user's hooks (torch.compile traces them into the graph)
+  hooked + cached   the extra output is to_tl(hook output): the cache sees the
+                    edited value, as when cache hooks run after user hooks
+  output            logits  becomes  (logits, *cached in the order asked)
+  unobserved per-head products (attn.hook_result's einsum, once its hook is
+  gone):  sum(einsum('bshd,hdm->bshm', z, W_O), [2])  becomes
+          einsum('bshd,hdm->bsm', z, W_O)
+          (the sum over heads joins the contraction: no [b, s, h, m] tensor)
+`to_tl` is the site's `Layout` written as ATen ops ([b, h, s, d] -> transpose,
+[b, s, h*d] -> unflatten, additive mask -> -inf, ...), so the cached tensor
+comes out of the compiled graph already in TransformerLens's layout.
+Requires insert_hooks (and materialise_opt_in for any opt-in site named).
+Invariant: the HookPoint nodes left are exactly the hooked sites, and the
+output holds 1 + len(cached) values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.fx as fx
+
+from fxlens.errors import PassError
+from fxlens.graph import val
+from fxlens.hook_points import Layout
+from fxlens.passes_base import PassResult
+
+aten = torch.ops.aten
+NAME = "specialise"
+
+
+def hook_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Site name -> its HookPoint node."""
+    return {n.meta["fxlens.site"]: n for n in graph.nodes
+            if n.op == "call_module" and "fxlens.site" in n.meta}
+
+
+def _call(graph: fx.Graph, op, args: tuple, like: fx.Node, name: str) -> fx.Node:
+    node = graph.call_function(op, args)
+    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+    node.meta["fxlens.created_by"] = NAME
+    node.meta["fxlens.cache_of"] = name
+    return node
+
+
+def to_tl_nodes(graph: fx.Graph, x: fx.Node, layout: Layout, batch: fx.Node | None,
+                name: str) -> fx.Node:
+    """`layout.to_tl(x)` as graph nodes inserted after `x` (see `Layout.to_tl`)."""
+    kind = layout.kind
+    if kind == "same" or (kind == "batch" and batch is None):
+        return x
+    if kind == "bhsd":
+        # [b, h, s, d] -> [b, s, h, d]
+        return _call(graph, aten.transpose.int, (x, 1, 2), x, name)
+    if kind == "flat":
+        # [b, s, h*d] -> [b, s, h, d]
+        return _call(graph, aten.unflatten.int, (x, -1, [layout.heads, layout.d_head]), x, name)
+    if kind == "tokens":
+        # [b*s, d] -> [b, s, d]
+        return _call(graph, aten.unflatten.int, (x, 0, [batch, -1]), x, name)
+    if kind == "batch":
+        # [1, s, d] -> [b, s, d] (a broadcast view, like the eager hook shows)
+        v = val(x)
+        rest = [-1] * (v.dim() - 1) if v is not None else [-1, -1]
+        return _call(graph, aten.expand.default, (x, [batch, *rest]), x, name)
+    if kind == "scores":
+        # HF adds the dtype's minimum at masked positions; TransformerLens shows -inf
+        v = val(x)
+        dtype = v.dtype if v is not None else torch.float32
+        masked = _call(graph, aten.le.Scalar, (x, torch.finfo(dtype).min / 2), x, name)
+        return _call(graph, aten.masked_fill.Scalar, (x, masked, float("-inf")), x, name)
+    raise PassError(NAME, f"{name}: no in-graph form of layout {kind!r}")
+
+
+def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str]) -> PassResult:
+    graph = gm.graph
+    hooks = hook_nodes(graph)
+    missing = [n for n in (*cached, *hooked) if n not in hooks]
+    if missing:
+        raise PassError(NAME, f"no hook node for {missing}; materialise opt-in sites first")
+    hooked = set(hooked)
+    outputs: list[fx.Node] = []
+    removed = 0
+    for name in cached:
+        node = hooks[name]
+        layout = node.graph.owning_module.get_submodule(node.target).layout
+        batch = node.args[1] if len(node.args) > 1 else None
+        src = node if name in hooked else node.args[0]
+        with graph.inserting_before(src.next):   # in order, right after the value
+            outputs.append(to_tl_nodes(graph, src, layout, batch, name))
+    out = graph.output_node()
+    logits = out.args[0]
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    out.args = ((logits, *outputs),)
+    for name, node in hooks.items():
+        if name in hooked:
+            continue
+        # unobserved (or only cached): the hook's input flows on directly
+        # (the output and the to_tl nodes are users too, so they follow)
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        removed += 1
+    contracted = _contract_summed_einsums(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    # invariant: only the hooked sites keep a HookPoint; one output per cached name
+    left = set(hook_nodes(graph))
+    if left != hooked:
+        raise PassError(NAME, f"HookPoints left {sorted(left ^ hooked)} differ from the hooked sites")
+    if len(graph.output_node().args[0]) != 1 + len(cached):
+        raise PassError(NAME, "the output does not hold one value per cached site")
+    return PassResult(NAME, matched=len(hooks),
+                      details={"cached": len(cached), "hooked": len(hooked), "removed": removed,
+                               "contracted": contracted})
+
+
+def _contract_summed_einsums(graph: fx.Graph) -> int:
+    """sum(einsum('..->bshm'), [2]) -> einsum('..->bsm') where nothing else reads the einsum."""
+    n_done = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.sum.dim_IntList or len(node.args) != 2 or node.kwargs:
+            continue
+        src, dims = node.args
+        if not (isinstance(src, fx.Node) and src.target is aten.einsum.default and len(src.users) == 1
+                and isinstance(dims, (list, tuple)) and len(dims) == 1):
+            continue
+        eq, operands = src.args
+        ins, arrow, out = eq.replace(" ", "").partition("->")
+        if not arrow or "." in eq:
+            continue
+        dim = dims[0] % len(out)
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.einsum.default, (f"{ins}->{out[:dim]}{out[dim + 1:]}", operands))
+        new.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack") if k in node.meta})
+        new.meta["fxlens.created_by"] = NAME
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(src)
+        n_done += 1
+    return n_done
