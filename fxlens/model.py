@@ -174,8 +174,79 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         return logits, store
 
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
-                prepend_bos: bool | None = None, padding_side: str | None = None):
-        return self._forward(input, return_type, loss_per_token, prepend_bos, padding_side)[0]
+                prepend_bos: bool | None = None, padding_side: str | None = None,
+                start_at_layer: int | None = None, stop_at_layer: int | None = None, tokens=None):
+        """TransformerLens's forward. `stop_at_layer=L` returns the residual stream
+        entering block L (`blocks.L.hook_resid_pre`; L = n_layers: after the last
+        block). `start_at_layer=L` takes that residual as `input` [batch, pos, d_model]
+        and runs blocks L.. (pass `tokens` for the loss or for the positions)."""
+        if start_at_layer is None and stop_at_layer is None:
+            return self._forward(input, return_type, loss_per_token, prepend_bos, padding_side)[0]
+        return self._forward_between(input, start_at_layer, stop_at_layer, return_type, loss_per_token,
+                                     prepend_bos, padding_side, tokens)
+
+    def _layer_index(self, layer: int, what: str) -> int:
+        n = self.cfg.n_layers
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx <= n:
+            raise ValueError(f"{what}={layer}: this model has {n} layers (use -{n}..{n})")
+        return idx
+
+    def _forward_between(self, input, start, stop, return_type, loss_per_token, prepend_bos,
+                         padding_side, tokens):
+        """Runs the eager graph: the residual is injected / taken at the resid_pre sites."""
+        n = self.cfg.n_layers
+        hooks, skipped = [], []
+        if start is not None:
+            start = self._layer_index(start, "start_at_layer")
+            resid = input
+            if not isinstance(resid, torch.Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
+                raise ValueError(f"start_at_layer takes the residual stream [batch, pos, d_model={self.cfg.d_model}]")
+            if tokens is None:  # placeholder ids: only their shape (positions) matters past the start
+                tokens = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+            else:
+                tokens = self._as_tokens(tokens, prepend_bos, padding_side)
+            if start < n:
+                hooks.append((f"blocks.{start}.hook_resid_pre", lambda x, hook: resid.to(x.dtype)))
+            else:
+                hooks.append((f"blocks.{n - 1}.hook_resid_post", lambda x, hook: resid.to(x.dtype)))
+            # sites before the start see placeholder tokens: their hooks sit this call out
+            early = [name for name in self.hook_names
+                     if not name.startswith("blocks.") or int(name.split(".")[1]) < start]
+            if start < n:
+                early = [e for e in early if e != f"blocks.{start}.hook_resid_pre"]
+            for name in early:
+                hp = self.hook_dict[name]
+                skipped.append((hp, hp.fwd_hooks))
+                hp.fwd_hooks = []
+        else:
+            tokens = self._as_tokens(input, prepend_bos, padding_side)
+
+        class _Stop(Exception):
+            pass
+
+        if stop is not None:
+            stop = self._layer_index(stop, "stop_at_layer")
+            site = f"blocks.{stop}.hook_resid_pre" if stop < n else f"blocks.{n - 1}.hook_resid_post"
+
+            def stop_here(x, hook):
+                raise _Stop(x)
+
+            hooks.append((site, stop_here))
+        try:
+            with self.hooks(fwd_hooks=hooks):
+                logits = self.graph_module(tokens)
+        except _Stop as stopped:
+            return stopped.args[0]
+        finally:
+            for hp, saved in skipped:
+                hp.fwd_hooks = saved
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     def _forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                  prepend_bos: bool | None = None, padding_side: str | None = None, cache_names=()):
