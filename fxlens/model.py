@@ -241,27 +241,13 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         finally:
             for hp, saved in skipped:
                 hp.fwd_hooks = saved
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
-        return loss if return_type == "loss" else (logits, loss)
+        return _outputs(logits, tokens, return_type, loss_per_token)
 
     def _forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                  prepend_bos: bool | None = None, padding_side: str | None = None, cache_names=()):
         tokens = self._as_tokens(input, prepend_bos, padding_side)
         logits, store = self._run(tokens, cache_names)
-        if return_type == "logits":
-            return logits, store
-        if return_type is None:
-            return None, store
-        loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
-        if return_type == "loss":
-            return loss, store
-        if return_type == "both":
-            return (logits, loss), store
-        raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
+        return _outputs(logits, tokens, return_type, loss_per_token), store
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **model_kwargs):
@@ -372,3 +358,15 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         c = self.cfg
         return (f"HookedModel({c.model_name!r}: {c.n_layers} layers, d_model={c.d_model}, "
                 f"{c.n_heads} heads, {len(self.hook_dict)} hooks)")
+
+
+def _outputs(logits, tokens, return_type, loss_per_token):
+    """What `forward` returns for each TransformerLens `return_type`."""
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    if return_type not in ("loss", "both"):
+        raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
+    loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
+    return loss if return_type == "loss" else (logits, loss)
