@@ -1,0 +1,76 @@
+"""Passes on tiny graphs: what each matches, rewrites and checks, one at a time."""
+
+import types
+
+import torch
+from torch import nn
+
+from fxlens.params import ProcessingLog
+from fxlens.passes import center_unembed, expose_norms, fold_ln
+
+# float32, a handful of ops: the rewritten graph differs by rounding only
+ATOL = 1e-5
+
+
+class _Tiny(nn.Module):
+    """LayerNorm and an RMSNorm (Gemma's 1 + w) each feeding a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.rms_w = nn.Parameter(torch.randn(8) * 0.1)
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 5, bias=False)
+        with torch.no_grad():
+            self.ln.weight.normal_(1, 0.2)
+            self.ln.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        h = self.a(self.ln(x))                                   # [batch, 6]
+        var = h.pow(2).mean(-1, keepdim=True)
+        h = (h * torch.rsqrt(var + 1e-6)) * (1 + self.rms_w[:6])
+        return self.b(h)
+
+
+def _export():
+    model = _Tiny().eval()
+    x = torch.randn(3, 8)
+    gm = torch.export.export(model, (x,), strict=False).module()
+    return model, gm, x
+
+
+def test_expose_norms_counts_and_numbers():
+    model, gm, x = _export()
+    result = expose_norms(gm)
+    assert result.details == {"LN": 1, "RMS": 1}
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.layer_norm.default not in ops and torch.ops.aten.rsqrt.default not in ops
+    parts = sorted(n.meta["fxlens.norm_part"] for n in gm.graph.nodes if "fxlens.norm_part" in n.meta)
+    assert parts == ["normalized", "normalized", "scale", "scale"]
+    assert torch.allclose(gm(x), model(x), atol=ATOL)
+
+
+def test_fold_ln_on_a_tiny_graph():
+    model, gm, x = _export()
+    expose_norms(gm)
+    norms = {n.meta["fxlens.norm"]: n.meta["fxlens.norm_kind"] for n in gm.graph.nodes if "fxlens.norm" in n.meta}
+    log = ProcessingLog()
+    result = fold_ln(gm, types.SimpleNamespace(norm_kinds=norms), log)
+    assert result.matched == 1          # the LayerNorm feeds a linear; the inline RMS chain has no module
+    assert torch.allclose(gm(x), model(x), atol=ATOL)
+    # invariant: no parameter is read between the LayerNorm's normalized value and the linear
+    assert set(log.changed) == {"a.weight", "a.bias"}
+    w = dict(gm.named_parameters())["a.weight"]
+    assert torch.allclose(w.mean(1), torch.zeros(6), atol=ATOL)   # LN readers centred over d_model
+
+
+def test_center_unembed_on_a_tiny_graph():
+    model, gm, x = _export()
+    unembed = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+                   and n.args[1].target == "b.weight")
+    log = ProcessingLog()
+    assert center_unembed(gm, types.SimpleNamespace(unembed=unembed), log).matched == 1
+    got, want = gm(x), model(x)
+    assert torch.allclose(got.log_softmax(-1), want.log_softmax(-1), atol=ATOL)   # log-probs kept
+    assert torch.allclose(got.mean(-1), torch.zeros(3), atol=ATOL)                 # logits centred
+    assert not torch.allclose(got, want, atol=1e-3)
