@@ -1,17 +1,14 @@
 """Sampling from a HookedModel: TransformerLens's `generate`, with hooks active.
 
-Every step runs `self.forward` on the whole sequence so far and samples the
-next token from the last position's logits. The captured graph takes only
-`input_ids` (no KV cache, no attention mask), so:
-
-* the prefix is recomputed each step. A compiled model's graph has a dynamic
-  sequence length, so the steps reuse one compiled graph (no recompile per step).
-  `use_past_kv_cache` is accepted for TransformerLens compatibility and ignored;
-  results equal TransformerLens's `use_past_kv_cache=False` path.
-* hooks see the whole sequence at every step (`[batch, pos_so_far, ...]`), not
-  only the new position as they would with a KV cache. A position-wise edit
-  (steering every position) gives the same text either way; an edit of
-  `act[:, -1]` only lands on the newest position of each step.
+With `use_past_kv_cache=True` (the default, as TransformerLens) each step runs
+the decode graph of `fxlens.kv_cache` on the new token against cached keys and
+values; the prompt is fed one token at a time through it, so hooks see one
+position per step (`[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`).
+A model whose decode graph fails its load check (OPT computes positions from
+its mask) falls back, with one warning, to the path `use_past_kv_cache=False`
+always takes: `self.forward` on the whole sequence so far each step (a compiled
+model reuses one compiled graph, its sequence length being dynamic), hooks
+seeing `[batch, pos_so_far, ...]`. The captured graph has no attention-mask input, so:
 * prompts of different lengths are never padded into one batch (the pad tokens
   would be attended to): rows of equal length run together, each group on its
   own, and the results are assembled into one padded answer.
@@ -30,20 +27,8 @@ RETURN_TYPES = ("input", "str", "tokens", "embeds")
 
 
 class KVCacheWarning(UserWarning):
-    """`use_past_kv_cache=True` was asked for; fxlens recomputes the prefix instead."""
-
-
-_kv_warned = False
-
-
-def _warn_no_kv_cache_once() -> None:
-    global _kv_warned
-    if not _kv_warned:
-        _kv_warned = True
-        warnings.warn("fxlens.generate recomputes the whole prefix at each step (the captured graph "
-                      "has no KV cache); use_past_kv_cache is ignored. Results equal "
-                      "TransformerLens's use_past_kv_cache=False. Shown once.",
-                      KVCacheWarning, stacklevel=4)   # user -> no_grad wrapper -> generate -> here
+    """`use_past_kv_cache=True` was asked for and this model's decode graph is not
+    available; fxlens recomputes the prefix instead."""
 
 
 def sample_logits(final_logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
@@ -109,11 +94,10 @@ class GenerateMixin:
         given as `fwd_hooks=[(name, fn)]` (for this call only) fire at every step,
         on the whole sequence so far. `verbose` shows a tqdm progress bar.
 
-        Differences from TransformerLens, all from the graph having no KV cache and
-        no attention mask:
-        - the prefix is recomputed at each step; `use_past_kv_cache` is ignored
-          (numbers equal TransformerLens's `use_past_kv_cache=False`), and a
-          compiled model reuses one compiled graph for every step.
+        `use_past_kv_cache=True` decodes with cached keys and values (module
+        docstring); False, or a model whose decode graph fails its check,
+        recomputes the prefix each step. Differences from TransformerLens:
+        - the prompt goes through the KV cache one token at a time.
         - a list of prompts of different lengths runs in groups of equal length,
           so no row ever attends to padding; each row's continuation is exactly
           what it would be alone. Tokens returned for such a list are padded on
@@ -126,8 +110,7 @@ class GenerateMixin:
             raise ValueError(f"return_type={return_type!r}; use one of {list(RETURN_TYPES)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}; it must be >= 0")
-        if use_past_kv_cache:
-            _warn_no_kv_cache_once()
+        decoder = self._kv_decoder() if use_past_kv_cache else None
         rows, input_type, squeeze = self._generation_rows(input, prepend_bos)
         if return_type == "input":
             return_type = "str" if input_type == "str" else "tokens"
@@ -154,7 +137,8 @@ class GenerateMixin:
                 self.hooks(fwd_hooks=fwd_hooks):
             for idx in groups.values():
                 prompt = torch.cat([rows[i] for i in idx])                 # [group, pos]
-                out = self._generate_group(prompt, max_new_tokens, stop_tokens, eos_pad, sampling, bar)
+                out = self._generate_group(prompt, max_new_tokens, stop_tokens, eos_pad, sampling, bar,
+                                           decoder)
                 for j, i in enumerate(idx):
                     new[i] = out[j]
 
@@ -209,14 +193,39 @@ class GenerateMixin:
             raise ValueError("generate: eos_token_id is an empty list")
         return stop, tok_eos if tok_eos is not None else stop[0]
 
+    def _kv_decoder(self):
+        """The model's decode graph, built and checked once per graph version; None
+        (with one warning saying why) when this model cannot use it."""
+        from .kv_cache import build_decoder
+
+        key = getattr(self, "_graph_version", 0)
+        cached = getattr(self, "_decoder_cache", None)
+        if cached is None or cached[0] != key:
+            decoder, why = build_decoder(self)
+            if decoder is None:
+                warnings.warn(f"generate: no KV cache for this model ({why}); recomputing the prefix "
+                              f"at each step instead", KVCacheWarning, stacklevel=4)
+            self._decoder_cache = cached = (key, decoder)
+        return cached[1]
+
     def _generate_group(self, tokens: torch.Tensor, max_new_tokens: int, stop_tokens: list[int],
-                        eos_pad: int, sampling: dict, bar) -> torch.Tensor:
+                        eos_pad: int, sampling: dict, bar, decoder=None) -> torch.Tensor:
         """Generate for prompts of one length, [batch, pos] -> new ids [batch, n_steps]."""
         batch, prompt_len = tokens.shape
         finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         stop = torch.tensor(stop_tokens, dtype=torch.long, device=tokens.device)
+        if decoder is not None:
+            # the prompt through the cache one token at a time; then one token per step
+            past = decoder.empty_past(batch, tokens.device, self.cfg.dtype)
+            for i in range(prompt_len):
+                logits, past = decoder.step(tokens[:, i:i + 1], past, i)
         for step in range(max_new_tokens):
-            final_logits = self.forward(tokens)[:, -1, :]                   # [batch, d_vocab]
+            if decoder is None:
+                final_logits = self.forward(tokens)[:, -1, :]               # [batch, d_vocab]
+            else:
+                if step:
+                    logits, past = decoder.step(tokens[:, -1:], past, tokens.shape[1] - 1)
+                final_logits = logits[:, -1, :]
             if sampling["do_sample"]:
                 nxt = sample_logits(final_logits, sampling["top_k"], sampling["top_p"],
                                     sampling["temperature"], sampling["freq_penalty"], tokens=tokens)

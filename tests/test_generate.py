@@ -18,9 +18,8 @@ from conftest import captured, hf_model, oracle_model
 import fxlens
 from fxlens.checkpoints import smollm2
 from fxlens.errors import ContextLengthError, FxlensError
-from fxlens.generate import sample_logits
+from fxlens.generate import KVCacheWarning, sample_logits
 
-pytestmark = pytest.mark.filterwarnings("ignore::fxlens.generate.KVCacheWarning")
 
 
 def prompts(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
@@ -42,11 +41,12 @@ def smol():
 
 
 # --- equality with HF ---------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_equals_hf_on_tiny_models(arch):
+@pytest.mark.parametrize("kv", [True, False], ids=["kv_cache", "recompute"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_greedy_equals_hf_on_tiny_models(arch, kv):
     model, hf = oracle_model(arch), hf_model(arch)
     ids = prompts(2, 6)
-    got = greedy(model, ids, 12, stop_at_eos=False)
+    got = greedy(model, ids, 12, stop_at_eos=False, use_past_kv_cache=kv)
     # eos_token_id=None: HF runs all 12 steps too, as stop_at_eos=False does
     want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                        eos_token_id=None, pad_token_id=0)
@@ -80,7 +80,8 @@ def test_steering_hook_changes_text_and_leaves_with_its_block(smol):
         steered = greedy(model, text, 4, prepend_bos=False)
     assert steered.startswith(text + " London")                       # unsteered: " Paris" (test above)
     n = model.to_tokens(text, prepend_bos=False).shape[1]
-    assert lengths == [n, n + 1, n + 2, n + 3]                        # once a step, on the whole sequence
+    # KV cache: the prompt one token at a time, then one new position per step
+    assert lengths == [1] * (n + 3)
     assert model.hook_dict[site].fwd_hooks == []
 
 
@@ -186,18 +187,30 @@ def test_return_types_and_errors():
         greedy(model, ids, 3, return_type="logits")
 
 
-def test_progress_bar_and_kv_cache_note_once(capsys, monkeypatch):
-    import fxlens.generate as gen
-
+def test_progress_bar_and_kv_cache_fallback_said_once(capsys):
     model, ids = oracle_model("llama"), prompts(1, 4)
-    monkeypatch.setattr(gen, "_kv_warned", False)
-    with pytest.warns(gen.KVCacheWarning, match="recomputes the whole prefix"):
-        model.generate(ids, max_new_tokens=5, stop_at_eos=False)          # verbose by default
+    model.generate(ids, max_new_tokens=5, stop_at_eos=False)              # verbose by default
     assert "5/5" in capsys.readouterr().err
+    # OPT computes its positions from the mask: its decode graph fails the load check,
+    # generate says so once and recomputes the prefix, with HF's numbers all the same
+    opt = fxlens.from_pretrained_no_processing(captured("opt"))
+    with pytest.warns(KVCacheWarning, match="no KV cache for this model"):
+        got = greedy(opt, ids, 4, stop_at_eos=False)
+    want = hf_model("opt").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(got, want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                     # said once, not again
-        model.generate(ids, max_new_tokens=2, verbose=False)
-    assert capsys.readouterr().err == ""
+        greedy(opt, ids, 2)
+
+
+def test_kv_cache_hooks_see_one_new_position_per_step():
+    model, ids = oracle_model("gpt2"), prompts(1, 4)
+    shapes = []
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: shapes.append(tuple(x.shape)))]):
+        greedy(model, ids, 3, stop_at_eos=False)
+    # 4 prompt tokens one at a time, then 2 decode steps (the 3rd token needs no forward)
+    assert shapes == [(1, model.cfg.n_heads, 1, k) for k in range(1, 7)]
 
 
 # --- compiled -----------------------------------------------------------------------------
@@ -206,12 +219,13 @@ def test_compiled_model_generates_with_one_graph():
     model = fxlens.from_pretrained_no_processing(captured("gpt2")).compile(backend="eager")
     ids = prompts(2, 5)
     want = greedy(oracle_model("gpt2"), ids, 8, stop_at_eos=False)
-    assert torch.equal(greedy(model, ids, 8, stop_at_eos=False), want)
+    # the recompute path runs the compiled forward (the decode graph runs eagerly)
+    assert torch.equal(greedy(model, ids, 8, stop_at_eos=False, use_past_kv_cache=False), want)
     assert model.compile_stats()["compilations"] == 1              # 8 sequence lengths, one graph
 
     def steer(resid, hook):
         return resid + 3.0
 
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", steer)]):
-        greedy(model, ids, 8, stop_at_eos=False)
+        greedy(model, ids, 8, stop_at_eos=False, use_past_kv_cache=False)
     assert model.compile_stats()["compilations"] == 2              # one more for the hook set
