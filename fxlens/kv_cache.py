@@ -48,8 +48,22 @@ def _scores_chain(softmax: fx.Node) -> list[fx.Node]:
 
 
 class Decoder:
-    def __init__(self, gm: fx.GraphModule, kv_shapes: list):
-        self.gm, self.kv_shapes = gm, kv_shapes
+    def __init__(self, model, gm: fx.GraphModule, kv_shapes: list):
+        self.model, self.gm, self.kv_shapes = model, gm, kv_shapes
+        self._compiled = None   # (runner, compiled fn) while the model is compiled
+
+    def _fn(self):
+        """The decode graph, through torch.compile when the model is compiled (dynamic
+        shapes: the growing cache does not recompile at every step)."""
+        runner = getattr(self.model, "_compiled", None)
+        if runner is None:
+            return self.gm
+        if self._compiled is None or self._compiled[0] is not runner:
+            def backend(gm, example_inputs, inner=runner._inner_backend()):
+                runner.compilations += 1
+                return inner(gm, example_inputs)
+            self._compiled = (runner, torch.compile(self.gm, backend=backend, dynamic=True))
+        return self._compiled[1]
 
     def empty_past(self, batch: int, device, dtype) -> list[torch.Tensor]:
         return [torch.zeros([batch if d == "b" else 0 if d == "s" else d for d in s], device=device, dtype=dtype)
@@ -57,7 +71,7 @@ class Decoder:
 
     def step(self, token: torch.Tensor, past: list[torch.Tensor], offset: int):
         """token [batch, 1] -> (logits [batch, 1, vocab], new past)."""
-        out = self.gm(token, torch.tensor(offset, device=token.device), *past)
+        out = self._fn()(token, torch.tensor(offset, device=token.device), *past)
         return out[0], list(out[1:])
 
 
@@ -109,7 +123,7 @@ def _build(model) -> Decoder:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return Decoder(gm, kv_shapes)
+    return Decoder(model, gm, kv_shapes)
 
 
 def build_decoder(model, probe_len: int = 6) -> tuple[Decoder | None, str]:
