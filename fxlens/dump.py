@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from .errors import FxlensError
+from .graph import module_paths
 from .names import canonical_order
 
 FORMATS = ("txt", "dot", "svg", "html", "json")
@@ -168,8 +169,7 @@ def _module_of(node: fx.Node) -> str:
     """The innermost module that produced the node; a parameter's owner."""
     if node.op == "get_attr":
         return str(node.target).rpartition(".")[0]
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [p for p, _ in stack.values() if p != _NO_MODULE]
+    paths = [p for p in module_paths(node) if p != _NO_MODULE]
     return paths[-1] if paths else ""
 
 
@@ -189,6 +189,7 @@ LAYOUT_NOTES = {
     "scores": "hooks see masked entries as -inf",
     "batch": "hooks see it expanded over the batch",
     "tokens": "hooks see dim 0 split into [batch, pos]",
+    "squeeze3": "hooks see the size-1 group axis dropped: [batch, pos, kv_head, d_head]",
 }
 
 

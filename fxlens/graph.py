@@ -49,18 +49,6 @@ def module_paths(node: fx.Node) -> list[str]:
     return [v[0] for v in stack.values()]
 
 
-def module_class(node: fx.Node, path: str) -> type | None:
-    for p, cls in (node.meta.get("nn_module_stack") or {}).values():
-        if p == path:
-            return cls if isinstance(cls, type) else None
-    return None
-
-
-def within(node: fx.Node, path: str) -> bool:
-    """True if `node` was produced inside module `path` (or one of its children)."""
-    return path in module_paths(node)
-
-
 def val(node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None

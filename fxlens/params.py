@@ -54,6 +54,21 @@ def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return functools.reduce(getattr, target.split("."), gm)
 
 
+def new_param(gm: fx.GraphModule, near: str, stem: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `value` as a fresh parameter beside the get_attr target `near`
+    (named `stem`, `stem1`, ... so no pass overwrites another's) and return a
+    get_attr node for it, placed before `before`."""
+    prefix, _, _ = near.rpartition(".")
+    owner = gm.get_submodule(prefix) if prefix else gm
+    n = 0
+    while hasattr(owner, f"{stem}{n or ''}"):
+        n += 1
+    attr = f"{stem}{n or ''}"
+    owner.register_parameter(attr, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(f"{prefix + '.' if prefix else ''}{attr}")
+
+
 def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Tensor,
               pass_name: str, log: ProcessingLog | None) -> fx.Node:
     """Make `user` read `value` where it read the get_attr `node`. Returns the
@@ -68,14 +83,8 @@ def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Ten
         target = node.target
     else:
         # the get_attr feeds other ops too (tied weights): give `user` its own
-        n = 0
-        while hasattr(owner, f"{attr}_{pass_name}{n or ''}"):
-            n += 1
-        attr = f"{attr}_{pass_name}{n or ''}"
-        owner.register_parameter(attr, value)
-        target = f"{prefix + '.' if prefix else ''}{attr}"
-        with gm.graph.inserting_before(node):
-            new = gm.graph.get_attr(target)
+        new = new_param(gm, node.target, f"{attr}_{pass_name}", value, before=node)
+        target = new.target
         new.meta.update({k: v for k, v in node.meta.items() if k != "fxlens.changed_by"})
         new.meta["fxlens.changed_by"] = list(node.meta.get("fxlens.changed_by", []))
         user.replace_input_with(node, new)
@@ -144,13 +153,8 @@ class Linear:
             return True
         if self.node.target not in (aten.linear.default, aten.matmul.default, aten.mm.default):
             return False
-        prefix, _, attr = p.w.target.rpartition(".")
-        owner = gm.get_submodule(prefix) if prefix else gm
-        name = f"bias_{pass_name}"
-        owner.register_parameter(name, torch.nn.Parameter(b.detach().clone(), requires_grad=False))
-        target = f"{prefix + '.' if prefix else ''}{name}"
-        with gm.graph.inserting_before(self.node):
-            bnode = gm.graph.get_attr(target)
+        bnode = new_param(gm, p.w.target, f"bias_{pass_name}", b, before=self.node)
+        target = bnode.target
         bnode.meta["fxlens.changed_by"] = [pass_name]
         bnode.meta["val"] = b
         if self.node.target is aten.linear.default:
