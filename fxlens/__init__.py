@@ -81,7 +81,10 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     hf = cap.hf_model
     ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
                   unembed_path=_module_path(hf, hf.get_output_embeddings()), flags=dict(flags))
-    gm = run_pipeline(cap.graph_module(), ctx, on_pass=on_pass)
+    # a graph of its own (parameters copied) unless nobody else can reach the HF
+    # model: loaded here from a path, it dies with this call
+    internal = not isinstance(source, (Captured, torch.nn.Module))
+    gm = run_pipeline(cap.graph_module(own=not internal), ctx, on_pass=on_pass)
     for reason in ctx.log.skipped:
         warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
     if self_check:

@@ -31,9 +31,42 @@ class Captured:
     n_ctx: int
     name: str
 
-    def graph_module(self) -> fx.GraphModule:
-        """A fresh graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab]."""
-        return _compat.plain_graph_module(self.program.module())
+    def graph_module(self, own: bool = True) -> fx.GraphModule:
+        """A fresh graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab].
+        `own=True` (the default) gives it its own copies of the parameters and
+        buffers, so no two models built from this capture, nor the HF model,
+        share storage; `own=False` shares them (fxlens uses it only when nobody
+        else can reach the HF model)."""
+        gm = _compat.plain_graph_module(self.program.module())
+        return own_tensors(gm) if own else gm
+
+
+def own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every tensor a `get_attr` reads (parameters, buffers, constants)
+    with a copy, in place. Tensors shared between targets (tied embeddings) stay
+    shared: one copy each."""
+    copies: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        prefix, _, attr = node.target.rpartition(".")
+        owner = gm.get_submodule(prefix) if prefix else gm
+        t = getattr(owner, attr)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if id(t) not in copies:
+            with torch.no_grad():
+                c = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) \
+                if isinstance(t, torch.nn.Parameter) else c
+        c = copies[id(t)]
+        if attr in owner._parameters:
+            owner._parameters[attr] = c
+        elif attr in owner._buffers:
+            owner._buffers[attr] = c
+        else:
+            setattr(owner, attr, c)
+    return gm
 
 
 def n_ctx_of(config) -> int:

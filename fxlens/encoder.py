@@ -45,7 +45,7 @@ from . import _compat
 from .analysis import (BlockSpec, ModelSpec, _find_blocks, _Graph, _module_output, _nodes_in,
                        _norm_of, _norm_paths, _Sites, analyse_attention, analyse_mlp, block_input,
                        residual_layout)
-from .capture import Captured, load_model, n_ctx_of
+from .capture import Captured, load_model, n_ctx_of, own_tensors
 from .config import make_config
 from .errors import CaptureError, SelfCheckError, UnmappableModelError
 from .graph import ancestors, is_layout, linear_parts, module_paths, output_node, same_size, shape, walk_back
@@ -109,8 +109,9 @@ def route_optional_inputs(gm: fx.GraphModule) -> fx.GraphModule:
 class EncoderCaptured(Captured):
     """A captured encoder; `graph_module()` takes `input_ids` only."""
 
-    def graph_module(self) -> fx.GraphModule:
-        return route_optional_inputs(_compat.plain_graph_module(self.program.module()))
+    def graph_module(self, own: bool = True) -> fx.GraphModule:
+        gm = route_optional_inputs(_compat.plain_graph_module(self.program.module()))
+        return own_tensors(gm) if own else gm
 
 
 def _hf_class(source: str, hf_kwargs: dict):
@@ -543,11 +544,14 @@ def build_encoder(source, *, device=None, dtype=torch.float32, self_check: bool 
         cap = source
     else:
         cap = capture_encoder(source, dtype=dtype, **hf_kwargs)
+    internal = cap if not isinstance(source, (Captured, torch.nn.Module)) else None
     hf = cap.hf_model
     ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
                   unembed_path=_module_path(hf, hf.get_output_embeddings()),
                   flags={f: False for f in PROCESSING_FLAGS})
-    gm = run_pipeline(cap.graph_module(), ctx, pipeline=encoder_pipeline(), on_pass=on_pass)
+    # a graph of its own unless nobody else can reach the HF model (loaded here from a path)
+    gm = run_pipeline(cap.graph_module(own=cap is not internal), ctx, pipeline=encoder_pipeline(),
+                      on_pass=on_pass)
     if self_check:
         _self_check(gm, hf, cap.n_ctx, get_tensor(gm, ctx.spec.embed.args[0].target).shape[0], SELF_CHECK_RTOL)
     device = device or next(hf.parameters()).device

@@ -151,6 +151,10 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_compiled", None) is not None:
             self._compiled.variants.clear()
+        # cfg follows the weights: the embedding's dtype and device are the model's
+        if getattr(self, "spec", None) is not None:
+            w_e = self.W_E
+            self.cfg.dtype, self.cfg.device = w_e.dtype, str(w_e.device)
         return out
 
     # --- running -------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Every built model owns its parameters (issue 19.4): models built from one
+capture, and the HF model, never share storage; `.to()` of one model changes
+no other and keeps `cfg.dtype` / `cfg.device` true."""
+
+import functools
+
+import pytest
+import torch
+
+import fxlens
+from tiny_models import tiny_model
+
+IDS = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _captured():
+    return fxlens.capture(tiny_model("llama"))
+
+
+def _storages(module) -> set:
+    return {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_models_from_one_capture_share_no_storage():
+    cap = _captured()
+    m1 = fxlens.from_pretrained_no_processing(cap)
+    m2 = fxlens.from_pretrained_no_processing(cap)
+    assert not _storages(m1) & _storages(m2)
+    assert not _storages(m1) & _storages(cap.hf_model)
+
+
+def test_editing_one_model_changes_no_other():
+    cap = _captured()
+    m1 = fxlens.from_pretrained_no_processing(cap)
+    m2 = fxlens.from_pretrained(cap)
+    hf_embed = cap.hf_model.get_input_embeddings().weight.detach().clone()
+    before = m2(IDS)
+    with torch.no_grad():
+        m1.W_E.mul_(0)
+    assert m1.W_E.abs().max() == 0
+    assert torch.equal(m2(IDS), before)
+    assert torch.equal(cap.hf_model.get_input_embeddings().weight, hf_embed)
+
+
+def test_built_from_an_hf_model_leaves_it_alone():
+    hf = tiny_model("gpt2")       # tied embeddings: the tie survives the copy
+    model = fxlens.from_pretrained_no_processing(hf)
+    want = hf.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        model.W_E.zero_()
+    assert torch.equal(hf.get_input_embeddings().weight, want)
+    assert model.W_U.abs().max() == 0     # W_U is tied to W_E in gpt2, in the copy too
+
+
+def test_to_moves_only_this_model_and_keeps_cfg_true():
+    cap = _captured()
+    m1 = fxlens.from_pretrained_no_processing(cap)
+    m2 = fxlens.from_pretrained_no_processing(cap)
+    before = m2(IDS)
+    m1.to(torch.float64)
+    assert m1.cfg.dtype == torch.float64 and m1.W_E.dtype == torch.float64
+    assert m2.cfg.dtype == torch.float32
+    assert cap.hf_model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(m2(IDS), before)
+    m1.to("cpu")
+    assert m1.cfg.device == "cpu" and m1.cfg.dtype == torch.float64
