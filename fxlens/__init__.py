@@ -11,7 +11,8 @@ from .capture import Captured, capture
 from .config import make_config
 from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, PassError,
-                     ProcessingError, SelfCheckError, UnknownHookError, UnmappableModelError)
+                     HarvestError, ProcessingError, SelfCheckError, UnknownHookError, UnmappableModelError)
+from .harvesting import harvest
 from .model import HookedModel
 from .names import act_name
 from .pipeline import Context, run_pipeline
@@ -19,7 +20,7 @@ from .pipeline import Context, run_pipeline
 __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
            "encoder_from_pretrained_no_processing", "capture_encoder", "EncoderCaptured", "HookedEncoder",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
-           "HookReturnError", "ContextLengthError", "SelfCheckError", "ProcessingError", "PassError"]
+           "HookReturnError", "ContextLengthError", "HarvestError", "harvest", "SelfCheckError", "ProcessingError", "PassError"]
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")

@@ -4,6 +4,9 @@
   fxlens dump MODEL -o FILE [--per-pass]    the annotated graph: .txt .dot .svg .html .json
   fxlens sites MODEL                        every hook name with its shape
   fxlens cache MODEL --prompt TEXT -o FILE.safetensors [--names NAME ...]
+  fxlens harvest MODEL --text FILE --names PATTERN --seq-len N --batch-size B -o DIR
+                                            activations over a corpus, as shards
+                                            (torchrun --nproc-per-node K -m fxlens harvest ...)
 
 MODEL is a checkpoint folder or a hub id already in the local HF cache
 (`--gguf-file` names a GGUF file in it). Bad input prints one line on stderr
@@ -270,6 +273,42 @@ def cmd_cache(args) -> int:
     return 0
 
 
+# --- harvest ---------------------------------------------------------------------------
+
+def _device(arg: str | None) -> str:
+    """--device, else this rank's GPU under torchrun (LOCAL_RANK), else the CPU."""
+    if arg:
+        return arg
+    if torch.cuda.is_available():
+        import os
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def cmd_harvest(args) -> int:
+    import fxlens
+
+    from .harvesting import DTYPES, Corpus, World
+
+    Corpus(args.text)   # a missing or unreadable corpus fails before the slow load
+    world = World.current()
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    make = fxlens.from_pretrained if args.processed else fxlens.from_pretrained_no_processing
+    with progress(f"fxlens: {args.model}") as status:
+        model = make(args.model, on_pass=status, device=_device(args.device),
+                     dtype=DTYPES[args.model_dtype], **kwargs)
+    if args.compile:
+        model.compile()
+    index = fxlens.harvest(model, args.text, args.names, out_dir=args.output, seq_len=args.seq_len,
+                           batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype,
+                           shard_rows=args.shard_rows, model_name=args.model)
+    if world.rank == 0:
+        print(f"wrote {args.output}: {len(index['shards'])} shards, {index['rows']} rows of "
+              f"{index['seq_len']} tokens, {len(index['sites'])} sites ({index['dtype']})"
+              + (f", {world.size} ranks" if world.size > 1 else ""))
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -313,6 +352,28 @@ def parser() -> argparse.ArgumentParser:
                    help="hook names or globs (blocks.*.attn.hook_pattern); default: every hook")
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("harvest", help="activations of chosen sites over a text corpus, as safetensors "
+                                       "shards (data parallel under torchrun)")
+    _model_args(p)
+    p.add_argument("--text", required=True, metavar="FILE",
+                   help="plain text (one document a line) or JSON lines with a 'text' field")
+    p.add_argument("--names", required=True, nargs="+", action="extend", metavar="PATTERN",
+                   help="hook names or globs (blocks.*.hook_resid_post); repeatable")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
+    p.add_argument("--batch-size", type=int, required=True, help="rows per forward pass")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for shard-00000.safetensors ... and index.json; rerun to resume")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens (whole rows)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="stored dtype of the activations (default: the model's)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype to run the model in (default float32)")
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    p.add_argument("--shard-rows", type=int,
+                   help="rows per shard, a multiple of --batch-size (default: up to 256 MiB a shard)")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.set_defaults(fn=cmd_harvest)
     return top
 
 

@@ -54,3 +54,7 @@ class PassError(FxlensError):
     def __init__(self, pass_name: str, message: str):
         super().__init__(f"{pass_name}: {message}")
         self.pass_name = pass_name
+
+
+class HarvestError(FxlensError):
+    """A harvest cannot run as asked (its corpus, its output folder, its settings)."""

@@ -1,0 +1,7 @@
+"""`python -m fxlens ...` is the `fxlens` command (and `torchrun -m fxlens harvest ...`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
