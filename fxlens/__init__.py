@@ -25,7 +25,7 @@ __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_process
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
 _HF_KWARGS = {"gguf_file", "revision", "trust_remote_code", "cache_dir", "local_files_only",
-              "subfolder", "token", "tokenizer"}
+              "subfolder", "token", "tokenizer", "device_map", "max_memory", "offload_folder"}
 
 # Self-check tolerance: exposing norms turns x*rsqrt(v) into x/sqrt(v) and
 # LayerNorm into explicit ops, which moves float32 logits by ~1e-6 of their
@@ -42,15 +42,15 @@ def _module_path(model: torch.nn.Module, module) -> str | None:
     return None
 
 
-def _self_check(gm, hf_model, n_ctx: int, d_vocab: int, compare_log_probs: bool) -> float:
+def _self_check(gm, cap: Captured, n_ctx: int, d_vocab: int, compare_log_probs: bool) -> float:
     """Refuse a graph whose outputs differ from the original model's on a probe.
     With center_unembed on, logits move by a per-position constant, so
     log-probs are compared instead."""
     probe = torch.randint(0, d_vocab, (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
-    probe = probe.to(next(hf_model.parameters()).device)
+    probe = probe.to(cap.device)
     with torch.no_grad():
-        want = hf_model(probe, use_cache=False).logits.float()
-        got = gm(probe).float()
+        want = cap.reference_logits(probe).float()
+        got = gm(probe).float().to(want.device)
     if compare_log_probs:
         want, got = want.log_softmax(-1), got.log_softmax(-1)
     err = (got - want).abs().max().item()
@@ -89,8 +89,10 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     for reason in ctx.log.skipped:
         warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
     if self_check:
-        _self_check(gm, hf, cap.n_ctx, ctx.spec.d_vocab, compare_log_probs=bool(flags.get("center_unembed")))
-    device = device or next(hf.parameters()).device
+        _self_check(gm, cap, cap.n_ctx, ctx.spec.d_vocab, compare_log_probs=bool(flags.get("center_unembed")))
+    if cap.placed and device is not None:
+        raise TypeError("device= moves the whole model; with device_map the map places it")
+    device = device or cap.device
     cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
     if ctx.log.get("fold_ln") and cfg.normalization_type in ("LN", "RMS"):
         cfg.normalization_type += "Pre"
@@ -99,7 +101,7 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer, processing=ctx.log,
                         pass_results=ctx.results)
     model.hf_config = hf.config
-    return model.to(device)
+    return model if cap.placed else model.to(device)
 
 
 def encoder_from_pretrained_no_processing(source, *, device=None, dtype=torch.float32,

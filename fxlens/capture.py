@@ -31,6 +31,8 @@ class Captured:
     n_ctx: int
     name: str
 
+    placed = False   # True where parameters sit on a device map's devices (fxlens.placement)
+
     def graph_module(self, own: bool = True) -> fx.GraphModule:
         """A fresh graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab].
         `own=True` (the default) gives it its own copies of the parameters and
@@ -39,6 +41,15 @@ class Captured:
         else can reach the HF model)."""
         gm = _compat.plain_graph_module(self.program.module())
         return own_tensors(gm) if own else gm
+
+    @property
+    def device(self) -> torch.device:
+        """Where input ids go."""
+        return next(self.hf_model.parameters()).device
+
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The original model's logits, for the load-time self-check."""
+        return self.hf_model(input_ids.to(self.device), use_cache=False).logits
 
 
 def own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
@@ -80,7 +91,7 @@ def n_ctx_of(config) -> int:
 def load_model(source, dtype=torch.float32, **hf_kwargs):
     """Load a `PreTrainedModel` from a folder, a hub id already in the local cache,
     or take an in-memory one. Returns (model, tokenizer or None, name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     tokenizer = hf_kwargs.pop("tokenizer", None)
     if isinstance(source, PreTrainedModel):
@@ -103,16 +114,24 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
         raise CaptureError(f"cannot load a model from {type(source).__name__}; pass a path, "
                            f"a cached hub id or a transformers PreTrainedModel")
     if tokenizer is None and tok_source is not None:
-        tok_kwargs = {k: hf_kwargs[k] for k in ("gguf_file", "local_files_only", "cache_dir", "revision",
-                                                "token", "trust_remote_code") if k in hf_kwargs}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
-        except Exception as exc:  # a checkpoint without tokenizer files is fine: tokens still work
-            warnings.warn(f"no tokenizer loaded from {tok_source!r} ({type(exc).__name__}); "
-                          f"pass token ids, or tokenizer=...", stacklevel=3)
+        tokenizer = load_tokenizer(tok_source, hf_kwargs)
     model.eval()
     _compat.set_eager_attention(model)
     return model, tokenizer, name
+
+
+def load_tokenizer(tok_source: str, hf_kwargs: dict):
+    """The checkpoint's tokenizer, or None (with a warning) where it has none."""
+    from transformers import AutoTokenizer
+
+    tok_kwargs = {k: hf_kwargs[k] for k in ("gguf_file", "local_files_only", "cache_dir", "revision",
+                                            "token", "trust_remote_code") if k in hf_kwargs}
+    try:
+        return AutoTokenizer.from_pretrained(tok_source, **tok_kwargs)
+    except Exception as exc:  # a checkpoint without tokenizer files is fine: tokens still work
+        warnings.warn(f"no tokenizer loaded from {tok_source!r} ({type(exc).__name__}); "
+                      f"pass token ids, or tokenizer=...", stacklevel=4)
+        return None
 
 
 def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
@@ -134,7 +153,17 @@ def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
     return ep
 
 
-def capture(source, dtype=torch.float32, **hf_kwargs) -> Captured:
+def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offload_folder=None,
+            **hf_kwargs) -> Captured:
+    """Load and export `source`. With `device_map` (accelerate's forms: "auto",
+    a device, {module prefix: device | "disk"}) the model is exported on the
+    meta device and each parameter is then loaded where the map puts it
+    (`fxlens.placement`); the full set of weights is never materialised."""
+    if device_map is not None or max_memory is not None or offload_folder is not None:
+        from .placement import capture_placed
+
+        return capture_placed(source, device_map, max_memory=max_memory, offload_folder=offload_folder,
+                              dtype=dtype, **hf_kwargs)
     model, tokenizer, name = load_model(source, dtype=dtype, **hf_kwargs)
     n_ctx = n_ctx_of(model.config)
     program = export_graph(model, n_ctx)
