@@ -15,6 +15,7 @@ from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnEr
 from .harvesting import harvest
 from .model import HookedModel
 from .names import act_name
+from .names import is_opt_in as is_opt_in_name
 from .pipeline import Context, run_pipeline
 
 __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
@@ -42,11 +43,11 @@ def _module_path(model: torch.nn.Module, module) -> str | None:
     return None
 
 
-def _self_check(gm, cap: Captured, n_ctx: int, d_vocab: int, compare_log_probs: bool) -> float:
-    """Refuse a graph whose outputs differ from the original model's on a probe.
-    With center_unembed on, logits move by a per-position constant, so
-    log-probs are compared instead."""
-    probe = torch.randint(0, d_vocab, (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
+def _self_check(gm, cap: Captured, n_ctx: int, d_vocab: int, compare_log_probs: bool, shape=None) -> float:
+    """Refuse a graph whose outputs differ from the original model's on a probe
+    (of `shape`, default [2, 7]). With center_unembed on, logits move by a
+    per-position constant, so log-probs are compared instead."""
+    probe = torch.randint(0, d_vocab, shape or (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
     probe = probe.to(cap.device)
     with torch.no_grad():
         want = cap.reference_logits(probe).float()
@@ -80,16 +81,15 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     else:
         cap = capture(source, dtype=dtype, **hf_kwargs)
     hf = cap.hf_model
-    ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
-                  unembed_path=_module_path(hf, hf.get_output_embeddings()), flags=dict(flags))
     # a graph of its own (parameters copied) unless nobody else can reach the HF
     # model: loaded here from a path, it dies with this call
     internal = not isinstance(source, (Captured, torch.nn.Module))
-    gm = run_pipeline(cap.graph_module(own=not internal), ctx, on_pass=on_pass)
+    probe = None
+    if cap.info is not None and not cap.info.covers(2, min(7, cap.n_ctx)):
+        probe = (2, cap.info.seq_range[0])   # a per-length graph checks at its own length
+    gm, ctx = _instrument(cap, flags, self_check, on_pass, probe, own=not internal)
     for reason in ctx.log.skipped:
         warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
-    if self_check:
-        _self_check(gm, cap, cap.n_ctx, ctx.spec.d_vocab, compare_log_probs=bool(flags.get("center_unembed")))
     if cap.placed and device is not None:
         raise TypeError("device= moves the whole model; with device_map the map places it")
     device = device or cap.device
@@ -101,7 +101,52 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
     model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer, processing=ctx.log,
                         pass_results=ctx.results)
     model.hf_config = hf.config
+    model.capture_info = cap.info
+    if cap.info is not None and not cap.placed:
+        model._graph_at = lambda batch, seq: _graph_at(cap, flags, self_check, model, batch, seq)
     return model if cap.placed else model.to(device)
+
+
+def _instrument(cap: Captured, flags: dict, self_check: bool, on_pass=None, probe_shape=None, own=True):
+    """Run the pipeline on a fresh copy of `cap`'s graph (and self-check it)."""
+    hf = cap.hf_model
+    ctx = Context(embed_path=_module_path(hf, hf.get_input_embeddings()),
+                  unembed_path=_module_path(hf, hf.get_output_embeddings()), flags=dict(flags))
+    gm = run_pipeline(cap.graph_module(own=own), ctx, on_pass=on_pass)
+    if self_check:
+        _self_check(gm, cap, cap.n_ctx, ctx.spec.d_vocab, compare_log_probs=bool(flags.get("center_unembed")),
+                    shape=probe_shape)
+    return gm, ctx
+
+
+def _graph_at(cap: Captured, flags: dict, self_check: bool, model: HookedModel, batch: int, seq: int):
+    """The per-length fallback: `model`'s graph for inputs of `seq` tokens (and
+    `batch` rows, where the dynamic export does not cover that batch size
+    either), exported and instrumented on first use. It calls `model`'s own
+    HookPoints, so hooks and caches see one set of sites whatever the length."""
+    from fxlens.passes import materialise_opt_in
+    from fxlens.passes.insert_hooks import CONTAINER
+    from fxlens.weights import column_maps
+
+    one = cap.at_length(seq)
+    if not one.info.covers(batch, seq):
+        one = cap.at_length(seq, batch)
+    gm, ctx = _instrument(one, flags, self_check, probe_shape=(batch, seq))
+    container = gm.get_submodule(CONTAINER)
+    for name in model.hook_names:
+        if not hasattr(container, name.replace(".", "__")) and is_opt_in_name(name):
+            materialise_opt_in(gm, ctx.spec, name, column_maps(gm, ctx.spec))
+    own = {m.name for m in container.children()}
+    if own != set(model.hook_names):
+        raise CaptureError(
+            f"the export for {seq} tokens has other hook sites than the model's "
+            f"({sorted(own ^ set(model.hook_names))[:4]}); pass inputs of "
+            f"{cap.info.seq_range[0]}..{cap.info.seq_range[1] or ''} tokens")
+    for attr, hp in list(container.named_children()):
+        setattr(container, attr, model.hook_dict[hp.name])
+    return gm, one.info
+
+
 
 
 def encoder_from_pretrained_no_processing(source, *, device=None, dtype=torch.float32,

@@ -107,7 +107,7 @@ class AnalysisMixin:
 
             with torch.no_grad(), self.hooks(fwd_hooks=[("ln_final.hook_normalized", fill),
                                                         ("unembed.hook_in", grab)]):
-                self.graph_module(tokens)
+                self._graph_for(tokens)(tokens)
         affine = (seen[1.0] - seen[0.0], seen[0.0])
         self._ln_final_affine_cache = (self._graph_version, affine)
         return affine

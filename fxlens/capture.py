@@ -8,6 +8,7 @@ that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class Captured:
     tokenizer: object | None
     n_ctx: int
     name: str
+    info: "CaptureInfo | None" = None   # how torch.export succeeded (see CaptureInfo)
 
     placed = False   # True where parameters sit on a device map's devices (fxlens.placement)
 
@@ -40,7 +42,16 @@ class Captured:
         share storage; `own=False` shares them (fxlens uses it only when nobody
         else can reach the HF model)."""
         gm = _compat.plain_graph_module(self.program.module())
+        if self.info is not None:
+            gm.meta["fxlens.capture"] = str(self.info)   # dumps show how it was captured
         return own_tensors(gm) if own else gm
+
+    def at_length(self, seq: int, batch: int | None = None) -> "Captured":
+        """This model exported for one sequence length (and, if the dynamic export
+        does not cover it, one batch size): the per-length fallback."""
+        program, info = export_program(self.hf_model, self.n_ctx, seq_len=seq, batch=batch)
+        return Captured(program=program, hf_model=self.hf_model, tokenizer=self.tokenizer,
+                        n_ctx=self.n_ctx, name=self.name, info=info)
 
     @property
     def device(self) -> torch.device:
@@ -134,23 +145,131 @@ def load_tokenizer(tok_source: str, hf_kwargs: dict):
         return None
 
 
-def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
-    """Export `model(input_ids, use_cache=False)` with dynamic batch and sequence."""
-    batch, seq = _compat.export_dims(n_ctx)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    probe = torch.randint(0, vocab, (2, min(8, n_ctx)), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(next(model.parameters()).device)
+@dataclass
+class CaptureInfo:
+    """How `torch.export` captured the model (shown as `model.capture_info` and in dumps).
+
+    method: "dims" (named batch/seq Dims), "dynamic" / "auto" (seq as
+    `Dim.DYNAMIC` / `Dim.AUTO`, torch.export choosing its range), or
+    "per-length" (sequence length static: one export per length, made on first
+    use and cached). seq_range / batch_range: the lengths and batch sizes the
+    graph is valid for (inclusive; None = unbounded); `attempts` lists the
+    methods that failed before, with their error."""
+
+    method: str
+    input_name: str
+    seq_range: tuple
+    batch_range: tuple
+    attempts: list
+
+    def covers(self, batch: int, seq: int) -> bool:
+        inside = lambda x, r: r[0] <= x and (r[1] is None or x <= r[1])  # noqa: E731
+        return inside(batch, self.batch_range) and inside(seq, self.seq_range)
+
+    def __str__(self) -> str:
+        fmt = lambda r: f"{r[0]}..{'' if r[1] is None else r[1]}"  # noqa: E731
+        failed = "".join(f"; {m} failed ({why})" for m, why in self.attempts)
+        return f"{self.method} (seq {fmt(self.seq_range)}, batch {fmt(self.batch_range)}){failed}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _export_call(model):
+    """(name of the forward's token argument, kwargs, their dynamic-shape spec).
+    `use_cache=False` is passed only where the forward names it: torch.export
+    keys the spec by signature, and a forward taking it through **kwargs reads
+    `config.use_cache` instead (which `export_graph` turns off)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    positional = [n for n, p in params.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    name = "input_ids" if "input_ids" in params else (positional[0] if positional else "input_ids")
+    if "use_cache" in params:
+        return name, {"use_cache": False}, {"use_cache": None}
+    return name, {}, {}
+
+
+@contextlib.contextmanager
+def _no_cache_config(model):
+    """`config.use_cache = False` for the duration (a KV cache is not a graph output)."""
+    cfgs = [c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+            if c is not None and hasattr(c, "use_cache")]
+    saved = [c.use_cache for c in cfgs]
     try:
-        with torch.no_grad():
-            ep = torch.export.export(
-                model, (probe,), kwargs={"use_cache": False},
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "use_cache": None}, strict=False)
-    except Exception as exc:
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. fxlens needs a model that exports "
-            f"with dynamic batch and sequence length.") from exc
-    return ep
+        for c in cfgs:
+            c.use_cache = False
+        yield
+    finally:
+        for c, v in zip(cfgs, saved):
+            c.use_cache = v
+
+
+def _range_of(ep, size) -> tuple:
+    """(min, max) a (symbolic) input size may take in `ep`; max None = unbounded."""
+    if isinstance(size, int):
+        return (size, size)
+    r = ep.range_constraints.get(size.node.expr)
+    if r is None:
+        return (1, None)
+    hi = int(r.upper) if r.upper.is_finite else None
+    return (int(r.lower), hi)
+
+
+def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None):
+    """Export `model(input_ids, use_cache=False)` with dynamic batch and sequence.
+
+    Falls back in steps when torch.export cannot keep the sequence length fully
+    dynamic: named Dims, then `Dim.DYNAMIC` and `Dim.AUTO` for the sequence
+    (torch.export narrows its range), then a static sequence length. With
+    `seq_len` only that static export is made (the per-length fallback).
+    Returns (ExportedProgram, CaptureInfo)."""
+    batch_dim, seq = _compat.export_dims(n_ctx)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    length = seq_len or min(8, n_ctx)
+    probe = torch.randint(0, vocab, (batch or 2, length), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(next(model.parameters()).device)
+    name, kwargs, kw_dims = _export_call(model)
+    seq_max = max(2, n_ctx)
+    steps = [("dims", {0: batch_dim, 1: seq}),
+             ("dynamic", {0: batch_dim, 1: torch.export.Dim.DYNAMIC(min=1, max=seq_max)}),
+             ("auto", {0: torch.export.Dim.AUTO(min=1, max=4096), 1: torch.export.Dim.AUTO(min=1, max=seq_max)}),
+             ("per-length", {0: torch.export.Dim.AUTO(min=1, max=4096)})]
+    if seq_len is not None:
+        steps = [("per-length", {} if batch else steps[-1][1])]
+    attempts = []
+    for method, dims in steps:
+        try:
+            with torch.no_grad(), _no_cache_config(model):
+                ep = torch.export.export(model, (), kwargs={name: probe, **kwargs},
+                                         dynamic_shapes={name: dims, **kw_dims},
+                                         strict=False)
+        except Exception as exc:
+            attempts.append((method, _first_line(exc)))
+            continue
+        ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
+            if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None
+        if ph is None:
+            ph = [n for n in ep.graph.nodes if n.op == "placeholder"
+                  and n.meta.get("val") is not None and n.meta["val"].dim() == 2][0]
+        b, s = ph.meta["val"].shape
+        seq_range, batch_range = _range_of(ep, s), _range_of(ep, b)
+        if method != "per-length" and seq_range[0] == seq_range[1]:
+            attempts.append((method, f"sequence length specialised to {seq_range[0]}"))
+            continue
+        return ep, CaptureInfo(method=method, input_name=name, seq_range=seq_range,
+                               batch_range=batch_range, attempts=attempts)
+    tried = "; ".join(f"{m}: {why}" for m, why in attempts)
+    raise CaptureError(
+        f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
+        f"that torch.export can capture from its input ids.")
+
+
+def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
+    """`export_program` without the CaptureInfo."""
+    return export_program(model, n_ctx)[0]
 
 
 def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offload_folder=None,
@@ -166,5 +285,5 @@ def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offlo
                               dtype=dtype, **hf_kwargs)
     model, tokenizer, name = load_model(source, dtype=dtype, **hf_kwargs)
     n_ctx = n_ctx_of(model.config)
-    program = export_graph(model, n_ctx)
-    return Captured(program=program, hf_model=model, tokenizer=tokenizer, n_ctx=n_ctx, name=name)
+    program, info = export_program(model, n_ctx)
+    return Captured(program=program, hf_model=model, tokenizer=tokenizer, n_ctx=n_ctx, name=name, info=info)

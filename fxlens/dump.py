@@ -65,7 +65,8 @@ def to_networkx(gm: fx.GraphModule, title: str = "", pass_name: str | None = Non
     blocks = _block_list(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     G = nx.DiGraph(title=title, level="ops", symbols=symbols, block_list=blocks or "",
-                   **({"pass": pass_name} if pass_name else {}))
+                   **({"pass": pass_name} if pass_name else {}),
+                   **({"capture": gm.meta["fxlens.capture"]} if "fxlens.capture" in gm.meta else {}))
     for node in graph.nodes:
         G.add_node(node.name, **_node_attrs(gm, node, order, symbols, blocks))
     G.add_edges_from((inp.name, node.name) for node in graph.nodes for inp in node.all_input_nodes)
@@ -350,6 +351,8 @@ def _class_of(ds: list[dict]) -> str:
 
 def render_text(G: nx.DiGraph) -> str:
     lines = [_headline(G)]
+    if G.graph.get("capture"):
+        lines.append(f"capture: {G.graph['capture']}")
     if G.graph.get("symbols"):
         lines.append("sizes: " + ", ".join(f"{k} = {v}" for k, v in G.graph["symbols"].items()))
     by_section = _by_section(G)

@@ -139,7 +139,7 @@ def build_decoder(model, probe_len: int = 6) -> tuple[Decoder | None, str]:
         for hp in model.hook_dict.values():
             hp.fwd_hooks = []
         with torch.no_grad():
-            want = model.graph_module(probe)
+            want = model._graph_for(probe)(probe)
             past = dec.empty_past(probe.shape[0], probe.device, want.dtype)
             got = []
             for i in range(probe.shape[1]):

@@ -36,6 +36,9 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         self.pass_results = list(pass_results)
         self._graph_version = 0     # bumped on every graph rewrite; keys compiled variants
         self._compiled = None       # a CompiledRunner once compile() is called
+        self.capture_info = None    # how torch.export captured the model (fxlens.capture.CaptureInfo)
+        self._graph_at = None       # (batch, seq) -> (graph, CaptureInfo): the per-length fallback
+        self._length_graphs: dict = {}
         self._refresh_hook_dict()
 
     # --- hook bookkeeping ---------------------------------------------------------
@@ -158,15 +161,34 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         return out
 
     # --- running -------------------------------------------------------------------------
+    def _covers(self, tokens: torch.Tensor) -> bool:
+        """Whether the captured graph is valid for this input's batch size and length."""
+        return self.capture_info is None or self._graph_at is None or \
+            self.capture_info.covers(*tokens.shape[:2])
+
+    def _graph_for(self, tokens: torch.Tensor):
+        """The graph to run `tokens` through: the captured one, or where torch.export
+        could not make it valid for this shape, one exported for this length (cached)."""
+        if self._covers(tokens):
+            return self.graph_module
+        batch, seq = tokens.shape[:2]
+        key = (self._graph_version, seq)
+        for gm, info in self._length_graphs.get(key, []):
+            if info.covers(batch, seq):
+                return gm
+        gm, info = self._graph_at(batch, seq)
+        self._length_graphs.setdefault(key, []).append((gm.to(tokens.device), info))
+        return gm
+
     def _run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
-        if self._compiled is not None:
+        if self._compiled is not None and self._covers(tokens):
             return self._compiled.run(tokens, cache_names)
         return self._run_eager(tokens, cache_names)
 
     def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         if not cache_names:
-            return self.graph_module(tokens), {}
+            return self._graph_for(tokens)(tokens), {}
         store: dict[str, torch.Tensor] = {}
 
         def save(tensor, hook):
@@ -174,7 +196,7 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
         # cache hooks go after the user's, so the cache shows edited values
         with self.hooks(fwd_hooks=[(n, save) for n in cache_names]):
-            logits = self.graph_module(tokens)
+            logits = self._graph_for(tokens)(tokens)
         return logits, store
 
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
@@ -239,7 +261,7 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
             hooks.append((site, stop_here))
         try:
             with self.hooks(fwd_hooks=hooks):
-                logits = self.graph_module(tokens)
+                logits = self._graph_for(tokens)(tokens)
         except _Stop as stopped:
             return stopped.args[0]
         finally:

@@ -1,0 +1,384 @@
+"""Support sweep: every causal-LM model type of transformers, built tiny, instrumented by fxlens.
+
+For each `model_type` of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`:
+  1. build it tiny from its own config class (`tiny_config`: small sizes found
+     by config field name, eager attention, fixed seed) and run HF's forward
+     with hidden states -- a type whose HF model cannot be built or run is
+     listed as `hf-broken` and not counted;
+  2. capture it (`fxlens.capture`: torch.export; a failure counts against fxlens),
+     instrument it unprocessed and check: log-probs equal HF's, every layer has
+     the core sites, `hook_resid_pre` equals HF's `hidden_states[L]`, pattern
+     rows sum to 1;
+  3. instrument it processed (`fxlens.from_pretrained`): log-probs equal HF's.
+
+Each type runs in its own forked subprocess with a time limit, one at a time.
+Writes docs/SUPPORT.md and docs/support.json.
+
+    nice -n 10 .venv/bin/python scripts/support_matrix.py            # all types
+    nice -n 10 .venv/bin/python scripts/support_matrix.py --only gpt2,bloom --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# float32 throughout; the largest difference must be at most RTOL of the
+# reference's largest magnitude: rounding stays ~1e-6 relative, a wrong site or
+# rewrite moves values by O(1).
+RTOL = 1e-4
+BATCH, SEQ = 2, 7
+CORE_SITES = ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+# Tiny sizes, by the config field's (standard) name. A config class that spells a
+# field differently declares it in its `attribute_map`, which `tiny_config` follows.
+VOCAB = 512
+N_LAYERS = 2
+TINY = {
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64,
+    "num_hidden_layers": N_LAYERS, "n_layer": N_LAYERS, "num_layers": N_LAYERS, "n_layers": N_LAYERS,
+    "decoder_layers": N_LAYERS,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "decoder_attention_heads": 4,
+    "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "decoder_ffn_dim": 128, "mlp_dim": 128, "dim_ff": 128,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2, "num_selected_experts": 2,
+    "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_sequence_length": 128,
+    "seq_length": 128,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 16, "qk_head_dim": 16,
+    "first_k_dense_replace": 1, "vocab_size": VOCAB, "initializer_range": 0.1,
+}
+
+
+def _mapped(cls, key: str) -> str:
+    return getattr(cls, "attribute_map", {}).get(key, key)
+
+
+def _shrink(defaults: dict, cls) -> dict:
+    """Overrides that make a config of class `cls` (its defaults `defaults`) tiny."""
+    out = {}
+    for key, value in TINY.items():
+        real = _mapped(cls, key)
+        if real in defaults and real not in out and isinstance(defaults[real], int) \
+                and not isinstance(defaults[real], bool):
+            out[real] = min(value, defaults[real]) if key in ("top_k", "moe_topk", "num_experts_per_tok",
+                                                              "n_shared_experts", "num_shared_experts",
+                                                              "first_k_dense_replace", "n_group",
+                                                              "topk_group") else value
+    # routed experts with no default top-k (the class's defaults alone do not run)
+    if defaults.get("num_experts_per_tok", 0) is None and any(
+            isinstance(defaults.get(k), int) for k in ("n_routed_experts", "num_experts", "num_local_experts")):
+        out["num_experts_per_tok"] = 2
+    heads = _mapped(cls, "num_attention_heads")
+    kv = "num_key_value_heads"
+    if isinstance(defaults.get(kv), int) and isinstance(defaults.get(heads), int):
+        out[kv] = 2 if defaults[kv] < defaults[heads] else out.get(heads, 4)
+    # per-layer lists (layer_types, ...): keep the first and the last entry
+    n_key = _mapped(cls, "num_hidden_layers")
+    n = defaults.get(n_key)
+    if isinstance(n, int) and n > N_LAYERS:
+        for k, v in defaults.items():
+            if isinstance(v, (list, tuple)) and len(v) == n:
+                out[k] = [v[0], v[-1]]
+    # special token ids must lie inside the tiny vocabulary
+    spare = iter(range(VOCAB - 1, 0, -1))
+    for k, v in defaults.items():
+        if k.endswith(("token_id", "token_index")) and isinstance(v, int) and v >= VOCAB:
+            out[k] = next(spare)
+        elif k.endswith("token_id") and isinstance(v, list) and any(isinstance(i, int) and i >= VOCAB for i in v):
+            out[k] = [i if i < VOCAB else next(spare) for i in v]
+    for k, v in defaults.items():   # nested sub-configs (text_config, ...)
+        if isinstance(v, dict) and k.endswith("config") and "model_type" in v:
+            from transformers import CONFIG_MAPPING
+            sub = CONFIG_MAPPING.get(v["model_type"])
+            if sub is not None:
+                out[k] = {**v, **_shrink(v, sub)}
+    return out
+
+
+def tiny_config(model_type: str):
+    """The config of a tiny `model_type`, from its own class's defaults."""
+    from transformers import CONFIG_MAPPING
+    cls = CONFIG_MAPPING[model_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        defaults = cls().to_dict()
+        cfg = cls(**_shrink(defaults, cls))
+    if hasattr(cfg, "is_decoder"):
+        cfg.is_decoder = True   # encoders used as causal LMs (BertLMHeadModel) ask for it
+    return cfg
+
+
+def _perturb(model, seed: int) -> None:
+    """Move constant 1-d parameters (norm gains at 1, biases at 0) off their
+    init, so a mistake in folding them shows in the numbers."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.is_floating_point() and p.numel() > 1 and bool((p == p[0]).all()) \
+                    and float(p[0]) in (0.0, 1.0):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A tiny random-weight HF causal LM of `model_type`, eager attention, float32, eval."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    _perturb(model, seed + 1)
+    return model.float().eval()
+
+
+def rel_err(got, want) -> float:
+    import torch
+    finite = torch.isfinite(want)
+    if not bool(finite.any()):
+        return 0.0
+    scale = want[finite].abs().max().clamp_min(1e-12)
+    return ((got.float() - want).abs()[finite].max() / scale).item()
+
+
+def _reason(exc: BaseException) -> str:
+    import fxlens
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    kind = type(exc).__name__ if isinstance(exc, fxlens.FxlensError) else f"untyped {type(exc).__name__}"
+    return f"{kind}: {text[:400]}"
+
+
+def check_type(model_type: str) -> dict:
+    """Build, capture and check one model type. Returns its row of the matrix."""
+    import torch
+    import fxlens
+    row = {"model_type": model_type, "status": None, "reason": "", "sites": [], "n_layers": None,
+           "capture": None, "processed": None, "processed_reason": "", "checks": {}}
+    # --- HF itself ---------------------------------------------------------------------
+    try:
+        hf = tiny_model(model_type)
+        vocab = hf.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            out = hf(ids, use_cache=False, output_hidden_states=True)
+        want = out.logits.float().log_softmax(-1)
+        hidden = out.hidden_states
+        if not bool(torch.isfinite(want).all()):
+            raise ValueError("HF's logits are not finite")
+    except Exception as exc:
+        row.update(status="hf-broken", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+        return row
+    # --- fxlens, unprocessed ---------------------------------------------------------------
+    try:
+        cap = fxlens.capture(hf)
+        row["capture"] = str(cap.info) if getattr(cap, "info", None) else None
+        model = fxlens.from_pretrained_no_processing(cap, self_check=False)
+        logits, cache = model.run_with_cache(ids)
+    except Exception as exc:
+        row.update(status="capture-failed" if isinstance(exc, fxlens.CaptureError) else "refused",
+                   reason=_reason(exc))
+        if not isinstance(exc, fxlens.FxlensError):
+            row["traceback"] = traceback.format_exc()[-2000:]
+        return row
+    names = list(model.hook_names)
+    row["sites"] = sorted({n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in names})
+    n_layers = model.cfg.n_layers
+    row["n_layers"] = n_layers
+    failures = []
+    err = rel_err(logits.float().log_softmax(-1), want)
+    row["checks"]["log_probs"] = err
+    if not err <= RTOL:
+        failures.append(f"log-probs differ from HF's by {err:.3g} (relative)")
+    missing = [f"blocks.{L}.{s}" for L in range(n_layers) for s in CORE_SITES if f"blocks.{L}.{s}" not in names]
+    if missing:
+        failures.append(f"missing sites {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if len(hidden) >= n_layers:
+        errs = [rel_err(cache[f"blocks.{L}.hook_resid_pre"], hidden[L].float())
+                for L in range(n_layers) if f"blocks.{L}.hook_resid_pre" in cache]
+        row["checks"]["resid_pre"] = max(errs) if errs else None
+        if errs and not max(errs) <= RTOL:
+            failures.append(f"hook_resid_pre differs from HF's hidden_states by {max(errs):.3g}")
+    for L in range(n_layers):
+        key = f"blocks.{L}.attn.hook_pattern"
+        if key in cache:
+            p = cache[key].float()
+            dev = (p.sum(-1) - 1).abs().max().item()
+            row["checks"]["pattern_rows"] = max(row["checks"].get("pattern_rows", 0.0), dev)
+            if not dev <= 1e-4:
+                failures.append(f"{key} rows sum to 1 +- {dev:.3g}")
+                break
+    row["status"] = "pass" if not failures else "wrong"
+    row["reason"] = "; ".join(failures)
+    # --- fxlens, processed -----------------------------------------------------------------
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            processed = fxlens.from_pretrained(cap, self_check=False)
+            got = processed(ids).float().log_softmax(-1)
+        perr = rel_err(got, want)
+        row["checks"]["processed_log_probs"] = perr
+        row["processed"] = "pass" if perr <= RTOL else "wrong"
+        if perr > RTOL:
+            row["processed_reason"] = f"log-probs differ from HF's by {perr:.3g} (relative)"
+    except Exception as exc:
+        row["processed"] = "refused"
+        row["processed_reason"] = _reason(exc)
+    return row
+
+
+def _child(model_type: str, conn) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    try:
+        row = check_type(model_type)
+    except BaseException as exc:  # noqa: BLE001 - the parent records whatever happened
+        row = {"model_type": model_type, "status": "crashed", "reason": f"{type(exc).__name__}: {exc}"[:400],
+               "traceback": traceback.format_exc()[-2000:]}
+    conn.send(row)
+    conn.close()
+
+
+def run_one(model_type: str, timeout: float) -> dict:
+    """`check_type` in a forked subprocess (torch and transformers already imported)."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(model_type, child))
+    t0 = time.monotonic()
+    proc.start()
+    child.close()
+    row = None
+    if parent.poll(timeout):
+        try:
+            row = parent.recv()
+        except EOFError:
+            row = None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if row is None:
+        if time.monotonic() - t0 >= timeout:
+            row = {"model_type": model_type, "status": "timeout", "reason": f"no result within {timeout:.0f} s"}
+        else:
+            row = {"model_type": model_type, "status": "crashed", "reason": f"subprocess exit code {proc.exitcode}"}
+    row["seconds"] = round(time.monotonic() - t0, 1)
+    return row
+
+
+def model_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+COUNTED = ("pass", "wrong", "refused", "capture-failed", "timeout", "crashed")
+
+
+def summary(rows: list[dict]) -> dict:
+    counted = [r for r in rows if r["status"] in COUNTED]
+    passed = [r for r in counted if r["status"] == "pass"]
+    proc = [r for r in counted if r.get("processed") == "pass"]
+    return {"types": len(rows), "hf_broken": len(rows) - len(counted), "counted": len(counted),
+            "pass": len(passed), "pass_rate": round(len(passed) / len(counted), 4) if counted else None,
+            "processed_pass": len(proc)}
+
+
+def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = summary(rows)
+    (out_dir / "support.json").write_text(json.dumps({"summary": s, "meta": meta, "rows": rows}, indent=1))
+    core = set(CORE_SITES)
+    lines = [
+        "# Model types fxlens supports",
+        "",
+        "Generated by `scripts/support_matrix.py` -- do not edit by hand. Every `model_type` of",
+        "`transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny from",
+        "its own config class (random weights, eager attention, fixed seed), captured and instrumented.",
+        "",
+        f"**{s['pass']} of {s['counted']} model types pass ({100 * (s['pass_rate'] or 0):.1f}%)**; "
+        f"{s['hf_broken']} whose HF model itself cannot be built tiny or run are listed and not counted. "
+        f"Processed (`fxlens.from_pretrained`, log-probs equal HF's): {s['processed_pass']} of {s['counted']}.",
+        "",
+        f"transformers {meta.get('transformers')}, torch {meta.get('torch')}; "
+        f"command: `{meta.get('command')}`.",
+        "",
+        "Pass means: log-probs equal HF's (relative 1e-4); every layer has "
+        + ", ".join(f"`{c}`" for c in CORE_SITES)
+        + "; `hook_resid_pre` equals HF's `hidden_states[L]`; pattern rows sum to 1. "
+        "Processed: `from_pretrained` with its default processing, log-probs equal HF's. "
+        "Capture: how `torch.export` succeeded (`model.capture_info`). "
+        "Sites: the per-block sites found (beyond the core ones) and the model-level sites.",
+        "",
+        "| model type | status | processed | capture | sites | reason |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["model_type"]):
+        sites = [x for x in r.get("sites") or [] if x not in core]
+        cap = r.get("capture") or {}
+        cap_s = cap.get("method", "") if isinstance(cap, dict) else str(cap)
+        reason = r.get("reason", "") or ""
+        if r.get("processed") not in (None, "pass") and r.get("processed_reason"):
+            reason = (reason + "; " if reason else "") + "processed: " + r["processed_reason"]
+        reason = reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['model_type']} | {r['status']} | {r.get('processed') or ''} | {cap_s} | "
+                     f"{' '.join(sites)} | {reason} |")
+    (out_dir / "SUPPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated model types (default: all)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per model type")
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for SUPPORT.md and support.json")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: update those rows of an existing support.json")
+    args = ap.parse_args(argv)
+    import torch
+    import transformers
+    import fxlens  # noqa: F401 - imported once, before forking
+    types = model_types()
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [t for t in wanted if t not in types]
+        if unknown:
+            print(f"not causal-LM model types: {unknown}", file=sys.stderr)
+            return 2
+        types = wanted
+    rows = []
+    for t in types:
+        row = run_one(t, args.timeout)
+        rows.append(row)
+        print(f"{t:32s} {row['status']:15s} {str(row.get('processed') or ''):8s} {row['seconds']:6.1f}s "
+              f"{(row.get('reason') or '')[:150]}", flush=True)
+    out_dir = Path(args.out)
+    if args.merge and (out_dir / "support.json").exists():
+        old = {r["model_type"]: r for r in json.loads((out_dir / "support.json").read_text())["rows"]}
+        old.update({r["model_type"]: r for r in rows})
+        rows = list(old.values())
+    s = summary(rows)
+    print(json.dumps(s))
+    if not args.no_write:
+        meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+                "command": "nice -n 10 .venv/bin/python scripts/support_matrix.py",
+                "date": time.strftime("%Y-%m-%d")}
+        write_docs(rows, meta, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

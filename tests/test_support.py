@@ -1,0 +1,53 @@
+"""The support sweep's CI-sized subset (scripts/support_matrix.py runs every model type).
+
+One model type per capture route the sweep found: `gpt2` exports with named
+batch/sequence Dims; `gpt_neo` only with `Dim.DYNAMIC` (torch.export narrows
+the sequence to 2.., so one-token inputs take the per-length fallback);
+`granitemoe` takes `use_cache` through **kwargs (the export spec must not name
+it) and routes its MLP through experts. Each row is checked as the sweep checks
+it: log-probs equal HF's (relative 1e-4), the core sites in every layer,
+hook_resid_pre equal to HF's hidden states, pattern rows summing to 1, and the
+processed model's log-probs equal HF's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxlens
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import support_matrix  # noqa: E402
+
+SUBSET = {"gpt2": "dims", "gpt_neo": "dynamic", "granitemoe": "dims"}
+
+
+@pytest.mark.parametrize("model_type", list(SUBSET))
+def test_support_row_passes(model_type):
+    row = support_matrix.check_type(model_type)
+    assert row["status"] == "pass", row["reason"]
+    assert row["processed"] == "pass", row["processed_reason"]
+    assert row["capture"].startswith(SUBSET[model_type])
+    assert {"hook_resid_pre", "attn.hook_pattern", "hook_mlp_out"} <= set(row["sites"])
+
+
+def test_lengths_outside_the_exported_range_get_their_own_graph():
+    hf = support_matrix.tiny_model("gpt_neo")
+    model = fxlens.from_pretrained_no_processing(hf)
+    assert model.capture_info.method == "dynamic" and model.capture_info.seq_range[0] == 2
+    for shape in [(2, 1), (1, 1), (2, 5)]:
+        ids = torch.randint(0, 500, shape, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            want = hf(ids, use_cache=False).logits
+        seen = []
+        got = model.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: seen.append(x))])
+        # float32 rounding stays ~1e-6 of the logits' size
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        assert len(seen) == 1 and seen[0].shape[1] == shape[1]   # the model's own hook ran
+    assert list(model._length_graphs) == [(0, 1)]   # one graph for length 1, reused for batch 1 and 2
+    from fxlens.dump import render
+    assert "capture: dynamic (seq 2..128" in render(model.graph_module, "txt")
