@@ -58,3 +58,7 @@ class PassError(FxlensError):
 
 class HarvestError(FxlensError):
     """A harvest cannot run as asked (its corpus, its output folder, its settings)."""
+
+
+class WeightEditError(FxlensError):
+    """An edit of a weight view cannot be written back to the model's parameters exactly."""

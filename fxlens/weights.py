@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .graph import linear_parts, walk_back, is_layout
+from .editable import read_only, read_param, stack
 from .params import Linear, get_tensor
 from .trace import trace_indices
 
@@ -103,8 +104,17 @@ def bias_or_zeros(gm, lin: Linear) -> torch.Tensor:
     return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
 
 
+def _oriented(lin: Linear):
+    """Reads a projection's stored weight as HF's [out, in] (Conv1D stores [in, out])."""
+    return (lambda t: t) if lin.parts.out_in else (lambda t: t.t())
+
+
 class BlockWeights:
-    """`model.blocks[L]` views: `.attn.W_Q`, `.mlp.W_in`, ... (and `.W_Q` directly)."""
+    """`model.blocks[L]` views: `.attn.W_Q`, `.mlp.W_in`, ... (and `.W_Q` directly).
+
+    Each view is an `EditableWeight` (fxlens/editable.py): in-place edits
+    (`W_O[h] = 0`, `W_Q.zero_()`) are written back to the graph's parameters.
+    """
 
     def __init__(self, model, layer: int):
         self._model, self.layer = model, layer
@@ -116,34 +126,65 @@ class BlockWeights:
     def _gm(self):
         return self._model.graph_module
 
-    def _repeat_kv(self, t):
-        rep = self._model.cfg.n_heads // t.shape[0]
-        return t.repeat_interleave(rep, dim=0) if rep > 1 else t
+    def _name(self, what: str) -> str:
+        return f"blocks.{self.layer}.{what}"
+
+    def _weight(self, what: str, lin: Linear, read) -> torch.Tensor:
+        """read: [out, in] weight -> TransformerLens layout."""
+        orient = _oriented(lin)
+        return read_param(get_tensor(self._gm(), lin.parts.w.target), lambda t: read(orient(t)),
+                          self._name(what))
+
+    def _bias(self, what: str, lin: Linear, read=lambda t: t) -> torch.Tensor:
+        b = lin.parts.b
+        if b is None:
+            w = lin.weight(self._gm())
+            zeros = read(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            return read_only(zeros, self._name(what),
+                             "this projection has no bias parameter (the zeros shown are stored nowhere); "
+                             "add a vector with a hook on the projection's output site instead")
+        return read_param(get_tensor(self._gm(), b.target), read, self._name(what))
+
+    def _qkv(self, role: str, what: str, repeat: bool = False):
+        lin, cols = getattr(self._m(), role)        # cols [head, d_head]
+        rep = self._model.cfg.n_heads // cols.shape[0] if repeat else 1
+        # [out, d_model] -> [head, d_head, d_model] -> [head, d_model, d_head] (kv heads repeated)
+        return self._weight(what, lin, lambda w: _repeat(w[cols].permute(0, 2, 1), rep))
+
+    def _qkv_bias(self, role: str, what: str, repeat: bool = False):
+        lin, cols = getattr(self._m(), role)
+        rep = self._model.cfg.n_heads // cols.shape[0] if repeat else 1
+        return self._bias(what, lin, lambda b: _repeat(b[cols], rep))
 
     @property
-    def _W_K(self): return w_qkv(self._gm(), *self._m().k)
+    def _W_K(self): return self._qkv("k", "attn._W_K")
     @property
-    def _W_V(self): return w_qkv(self._gm(), *self._m().v)
+    def _W_V(self): return self._qkv("v", "attn._W_V")
     @property
-    def _b_K(self): return b_qkv(self._gm(), *self._m().k)
+    def _b_K(self): return self._qkv_bias("k", "attn._b_K")
     @property
-    def _b_V(self): return b_qkv(self._gm(), *self._m().v)
+    def _b_V(self): return self._qkv_bias("v", "attn._b_V")
     @property
-    def W_Q(self): return w_qkv(self._gm(), *self._m().q)
+    def W_Q(self): return self._qkv("q", "attn.W_Q")
     @property
-    def W_K(self): return self._repeat_kv(self._W_K)
+    def W_K(self): return self._qkv("k", "attn.W_K", repeat=True)
     @property
-    def W_V(self): return self._repeat_kv(self._W_V)
+    def W_V(self): return self._qkv("v", "attn.W_V", repeat=True)
     @property
-    def b_Q(self): return b_qkv(self._gm(), *self._m().q)
+    def b_Q(self): return self._qkv_bias("q", "attn.b_Q")
     @property
-    def b_K(self): return self._repeat_kv(self._b_K)
+    def b_K(self): return self._qkv_bias("k", "attn.b_K", repeat=True)
     @property
-    def b_V(self): return self._repeat_kv(self._b_V)
+    def b_V(self): return self._qkv_bias("v", "attn.b_V", repeat=True)
+
     @property
-    def W_O(self): return w_o(self._gm(), *self._m().o)
+    def W_O(self):
+        lin, cols = self._m().o                     # input columns [head, d_head]
+        # [d_model, head*d_head] -> [d_model, head, d_head] -> [head, d_head, d_model]
+        return self._weight("attn.W_O", lin, lambda w: w[:, cols].permute(1, 2, 0))
+
     @property
-    def b_O(self): return bias_or_zeros(self._gm(), self._m().o[0])
+    def b_O(self): return self._bias("attn.b_O", self._m().o[0])
 
     def _mlp(self, role):
         entry = getattr(self._m(), role)
@@ -151,27 +192,30 @@ class BlockWeights:
             raise AttributeError(f"block {self.layer} has no {role} projection (MoE or not gated)")
         return entry
 
+    def _in_role(self) -> str:
+        return "pre_linear" if self._m().pre_linear else "pre"
+
     @property
     def W_in(self):
-        lin, cols = self._mlp("pre_linear" if self._m().pre_linear else "pre")
-        return lin.weight(self._gm())[cols].T          # [d_model, d_mlp]
+        lin, cols = self._mlp(self._in_role())
+        return self._weight("mlp.W_in", lin, lambda w: w[cols].T)           # [d_model, d_mlp]
     @property
     def b_in(self):
-        lin, cols = self._mlp("pre_linear" if self._m().pre_linear else "pre")
-        return bias_or_zeros(self._gm(), lin)[cols]
+        lin, cols = self._mlp(self._in_role())
+        return self._bias("mlp.b_in", lin, lambda b: b[cols])
     @property
     def W_gate(self):
         if not self._m().pre_linear:
             raise AttributeError("W_gate: this MLP is not gated")
         lin, cols = self._mlp("pre")
-        return lin.weight(self._gm())[cols].T
+        return self._weight("mlp.W_gate", lin, lambda w: w[cols].T)
     @property
     def W_out(self):
         lin, cols = self._mlp("out")
-        return lin.weight(self._gm())[:, cols].T      # [d_mlp, d_model]
+        return self._weight("mlp.W_out", lin, lambda w: w[:, cols].T)       # [d_mlp, d_model]
     @property
     def b_out(self):
-        return bias_or_zeros(self._gm(), self._mlp("out")[0])
+        return self._bias("mlp.b_out", self._mlp("out")[0])
 
     @property
     def QK(self):
@@ -180,6 +224,10 @@ class BlockWeights:
     @property
     def OV(self):
         return FactoredMatrix(self.W_V, self.W_O)
+
+
+def _repeat(t: torch.Tensor, rep: int) -> torch.Tensor:
+    return t.repeat_interleave(rep, dim=0) if rep > 1 else t
 
 
 class FactoredMatrix:
@@ -255,7 +303,8 @@ class WeightsMixin:
         return [BlockWeights(self, i) for i in range(self.cfg.n_layers)]
 
     def _stack(self, attr: str) -> torch.Tensor:
-        return torch.stack([getattr(b, attr) for b in self.blocks])
+        # [layer, ...]: edits are written back to each layer's parameters
+        return stack([getattr(b, attr) for b in self.blocks], attr)
 
     W_Q = property(lambda self: self._stack("W_Q"))
     W_K = property(lambda self: self._stack("W_K"))
@@ -273,17 +322,24 @@ class WeightsMixin:
     QK = property(lambda self: FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1)))
     OV = property(lambda self: FactoredMatrix(self.W_V, self.W_O))
 
+    # W_E, W_U and existing biases are views of the stored tensors (no copy)
     @property
     def W_E(self) -> torch.Tensor:
-        return get_tensor(self.graph_module, self.spec.embed.args[0].target)
+        return get_tensor(self.graph_module, self.spec.embed.args[0].target).detach()
 
     @property
     def W_U(self) -> torch.Tensor:
-        return Linear(self.spec.unembed).weight(self.graph_module).T   # [d_model, d_vocab]
+        return Linear(self.spec.unembed).weight(self.graph_module).detach().T   # [d_model, d_vocab]
 
     @property
     def b_U(self) -> torch.Tensor:
-        return bias_or_zeros(self.graph_module, Linear(self.spec.unembed))
+        lin = Linear(self.spec.unembed)
+        b = lin.bias(self.graph_module)
+        if b is not None:
+            return b.detach()
+        w = lin.weight(self.graph_module)
+        return read_only(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), "b_U",
+                         "the unembedding has no bias parameter (the zeros shown are stored nowhere)")
 
     @property
     def W_pos(self) -> torch.Tensor:
@@ -292,4 +348,6 @@ class WeightsMixin:
         if self.spec.pos_embed is None:
             raise AttributeError("W_pos: this model has no learned position embedding")
         from .trace import values_at
-        return values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx)
+        return read_only(values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx), "W_pos",
+                         "W_pos is read off the position embedding's output, not stored as one tensor; "
+                         "change positions with a hook on hook_pos_embed")
