@@ -150,6 +150,16 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
             self._compiled.variants.clear()
 
     def _apply(self, fn, *args, **kwargs):
+        # the captured graph keeps its dtype's casts and constants: a float dtype
+        # move would fail inside the graph ("mat1 and mat2 ..."), so refuse it here
+        probe = torch.zeros(1, dtype=self.cfg.dtype) if getattr(self, "cfg", None) is not None else None
+        if probe is not None and probe.dtype.is_floating_point:
+            moved = fn(probe)
+            if isinstance(moved, torch.Tensor) and moved.dtype != probe.dtype:
+                raise FxlensError(
+                    f"cannot convert an instrumented model from {probe.dtype} to {moved.dtype}: its "
+                    f"graph was captured in {probe.dtype} and keeps that dtype's casts and constants. "
+                    f"Load it in the dtype you want: fxlens.from_pretrained(..., dtype={moved.dtype}).")
         # .to() / .half() replace buffers the compiled variants hold: rebuild them
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_compiled", None) is not None:
@@ -297,6 +307,9 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
                        remove_batch_dim: bool = False, return_cache_object: bool = True,
                        **model_kwargs):
         names = self._names(names_filter)
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise FxlensError(f"run_with_cache(device={device!r}): this machine has no CUDA device; "
+                              f"pass device='cpu' or leave device unset")
         with torch.no_grad():
             out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
         ordered = {n: (store[n].to(device) if device is not None else store[n])

@@ -58,10 +58,15 @@ def test_to_moves_only_this_model_and_keeps_cfg_true():
     m1 = fxlens.from_pretrained_no_processing(cap)
     m2 = fxlens.from_pretrained_no_processing(cap)
     before = m2(IDS)
-    m1.to(torch.float64)
-    assert m1.cfg.dtype == torch.float64 and m1.W_E.dtype == torch.float64
-    assert m2.cfg.dtype == torch.float32
+    # a dtype move is refused (the graph keeps its casts; issue 11.4), and changes nothing
+    for move in (lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.to(torch.bfloat16)):
+        with pytest.raises(fxlens.FxlensError, match=r"from_pretrained\(\.\.\., dtype="):
+            move(m1)
+    assert m1.cfg.dtype == torch.float32 and m1.W_E.dtype == torch.float32
     assert cap.hf_model.get_input_embeddings().weight.dtype == torch.float32
     assert torch.equal(m2(IDS), before)
     m1.to("cpu")
-    assert m1.cfg.device == "cpu" and m1.cfg.dtype == torch.float64
+    assert m1.cfg.device == "cpu" and m1.cfg.dtype == torch.float32
+    if not torch.cuda.is_available():
+        with pytest.raises(fxlens.FxlensError, match="no CUDA device"):
+            m1.run_with_cache(IDS, device="cuda")
