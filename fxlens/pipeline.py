@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxlens.analysis import ModelSpec, analyse
+from fxlens.errors import FxlensError, PassError
 from fxlens.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
                            fold_value_biases, insert_hooks, refactor_factored_attn_matrices)
@@ -66,7 +67,14 @@ def build_pipeline(flags: dict) -> tuple:
 
 def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None) -> fx.GraphModule:
     for name, fn in pipeline or build_pipeline(ctx.flags):
-        result = fn(gm, ctx)
+        try:
+            result = fn(gm, ctx)
+        except FxlensError:
+            raise
+        except Exception as exc:   # an unexpected failure inside a pass: say which pass
+            raise PassError(name, f"failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                            f"turn the processing flag off (or use from_pretrained_no_processing) "
+                            f"and please report the model") from exc
         gm.graph.lint()
         ctx.results.append(result)
         if name in ctx.flags:

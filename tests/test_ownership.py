@@ -70,3 +70,13 @@ def test_to_moves_only_this_model_and_keeps_cfg_true():
     if not torch.cuda.is_available():
         with pytest.raises(fxlens.FxlensError, match="no CUDA device"):
             m1.run_with_cache(IDS, device="cuda")
+
+
+def test_unexpected_failure_inside_a_pass_is_a_pass_error():
+    from fxlens.pipeline import FRONT, Context, run_pipeline
+
+    def broken(gm, ctx):
+        raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    with pytest.raises(fxlens.PassError, match=r"^broken: failed with RuntimeError: expected m1"):
+        run_pipeline(_captured().graph_module(), Context(None, None), pipeline=FRONT[:1] + (("broken", broken),))
