@@ -70,19 +70,48 @@ def _z_nodes(model, val_map: dict) -> tuple[list[fx.Node], list[str]]:
     return nodes, labels
 
 
-def build_variant(model, cached, hooked, fuse_attention: bool = True):
+def _mark_boundaries(model, val_map: dict) -> int:
+    """meta["fxlens.boundary"] on the copy's residual value entering each block
+    (and leaving the last one): segments end there, so blocks compile alike."""
+    from fxlens.passes.segment import BOUNDARY
+
+    names = [f"blocks.{b.layer}.hook_resid_pre" for b in model.spec.blocks]
+    if model.spec.blocks:
+        names.append(f"blocks.{model.spec.blocks[-1].layer}.hook_resid_post")
+    by_site = {n.meta["fxlens.site"]: n for n in model.graph_module.graph.nodes
+               if n.op == "call_module" and "fxlens.site" in n.meta}
+    marked = 0
+    for name in names:
+        node = by_site.get(name)
+        while node is not None and node.op == "call_module" and "fxlens.site" in node.meta:
+            node = node.args[0]       # chained hooks (resid_post L-1, resid_pre L) on one value
+        if isinstance(node, fx.Node) and node in val_map and node.op != "placeholder":
+            val_map[node].meta[BOUNDARY] = True
+            marked += 1
+    return marked
+
+
+def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented: bool = False):
     """The specialised GraphModule for one request (not compiled: callers may
-    run it eagerly, as tests do). Returns (gm, pass results)."""
+    run it eagerly, as tests do). With `segmented`, the graph is cut into
+    `Segment`s at block boundaries and hooked sites (`passes/segment.py`).
+    Returns (gm, pass results)."""
     from fxlens.passes.fuse_attention import fuse_attention as fuse
+    from fxlens.passes.segment import segment
     from fxlens.passes.specialise import specialise
 
     gm, val_map = copy_graph_module(model.graph_module)
     z_nodes, labels = _z_nodes(model, val_map)
+    if segmented:
+        _mark_boundaries(model, val_map)
     results = [specialise(gm, list(cached), set(hooked))]
     if fuse_attention:
         live = set(gm.graph.nodes)
         pairs = [(z, lab) for z, lab in zip(z_nodes, labels) if z in live]
         results.append(fuse(gm, [z for z, _ in pairs], [lab for _, lab in pairs]))
+    if segmented:
+        gm, result = segment(gm)
+        results.append(result)
     return gm, results
 
 

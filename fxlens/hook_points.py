@@ -4,13 +4,20 @@ A site's node may hold its value in another layout than TransformerLens's
 (q as [batch, head, pos, d_head], or flat [batch, pos, head*d_head]); the
 HookPoint shows hooks the TransformerLens layout and maps a returned tensor
 back. With no hook attached it returns its input untouched.
+
+`Layout.to_tl` / `from_tl` are the one definition of each mapping: the eager
+HookPoint calls them, and `emit_layout` writes the same functions into a graph
+as ATen nodes (traced with `make_fx`), which is how compiled variants return
+cached values in TransformerLens layout.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .errors import HookReturnError
@@ -72,6 +79,84 @@ class Layout:
         if self.kind == "squeeze3":
             return y.unsqueeze(3)
         return y
+
+
+# Sample sizes for the symbolic (batch, pos, ...) sizes when tracing a layout:
+# distinct, large and prime, so that no symbolic size equals a static one (or
+# another symbolic one) by accident and the traced graph reads each size from
+# the right dimension. Static sizes (heads, d_head, 1) keep their value.
+_SAMPLE_SIZES = (1009, 1013, 1019, 1021, 1031, 1033)
+
+
+def emit_layout(graph: fx.Graph, layout: Layout, direction: str, x: fx.Node,
+                batch: fx.Node | None = None, out_val: torch.Tensor | None = None) -> fx.Node:
+    """`layout.to_tl(x, batch)` (direction "to_tl") or `layout.from_tl(x, x)`
+    ("from_tl") as ATen nodes inserted at the graph's insertion point; returns
+    the result node (`x` itself where the mapping is the identity). The nodes
+    come from tracing those very methods, so eager hooks and compiled variants
+    cannot disagree. Sizes come from `meta["val"]` of `x` (and `batch`); a
+    from_tl input without one takes them from `out_val`, the result's value."""
+    if layout.kind == "same" and layout.group == 1:
+        return x          # the identity (nodes made by passes may carry no meta["val"])
+    xv = x.meta.get("val")
+    bv = batch.meta["val"] if batch is not None else None
+    env = _symbol_samples([v for v in (xv, bv, out_val) if v is not None])
+    if xv is not None:
+        dtype, shape_x = xv.dtype, _sample_shape(xv, env)
+    elif direction == "from_tl" and out_val is not None:
+        dtype = out_val.dtype
+        like = torch.empty(_sample_shape(out_val, env), dtype=dtype, device="meta")
+        shape_x = tuple(layout.to_tl(like).shape)
+    else:
+        raise ValueError(f"emit_layout: {x.name} has no meta['val'] to size the mapping with")
+    sig = (shape_x,) if batch is None or direction != "to_tl" else (shape_x, _sample_int(bv, env))
+    traced = _traced_layout(layout, direction, dtype, sig)
+    args = iter((x, batch))
+    mapping: dict[fx.Node, fx.Node] = {}
+    out = x
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            mapping[n] = next(args)
+        elif n.op == "output":
+            out = fx.map_arg(n.args[0], lambda a: mapping[a])
+        else:
+            mapping[n] = graph.node_copy(n, lambda a: mapping[a])
+            mapping[n].meta = {}
+    return out
+
+
+def _symbol_samples(values) -> dict:
+    """Each free symbol of the values' sizes -> a sample size (see _SAMPLE_SIZES)."""
+    syms = []
+    for v in values:
+        for d in (v.shape if isinstance(v, torch.Tensor) else [v]):
+            if isinstance(d, torch.SymInt):
+                syms += [s for s in sorted(d.node.expr.free_symbols, key=str) if s not in syms]
+    return {s: _SAMPLE_SIZES[i % len(_SAMPLE_SIZES)] for i, s in enumerate(syms)}
+
+
+def _sample_int(d, env) -> int:
+    return int(d.node.expr.subs(env)) if isinstance(d, torch.SymInt) else int(d)
+
+
+def _sample_shape(v: torch.Tensor, env) -> tuple[int, ...]:
+    return tuple(_sample_int(d, env) for d in v.shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _traced_layout(layout: Layout, direction: str, dtype: torch.dtype, sig: tuple) -> fx.GraphModule:
+    """The layout mapping traced once per (layout, direction, dtype, sample shapes):
+    symbolic sizes stay symbolic (read with sym_size), static ones are constants."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = [torch.empty(s, dtype=dtype, device="meta") if isinstance(s, tuple) else s for s in sig]
+    if direction == "to_tl":
+        fn = (lambda x, b: layout.to_tl(x, b)) if len(examples) == 2 else (lambda x: layout.to_tl(x))
+    elif direction == "from_tl":
+        fn = lambda y: layout.from_tl(y, y)   # noqa: E731  (the mapping back reads only y)
+    else:
+        raise ValueError(f"direction {direction!r}: use 'to_tl' or 'from_tl'")
+    return make_fx(fn, tracing_mode="symbolic")(*examples)
 
 
 class HookPoint(nn.Module):

@@ -16,9 +16,11 @@ model's own graph is never touched)
   gone):  sum(einsum('bshd,hdm->bshm', z, W_O), [2])  becomes
           einsum('bshd,hdm->bsm', z, W_O)
           (the sum over heads joins the contraction: no [b, s, h, m] tensor)
-`to_tl` is the site's `Layout` written as ATen ops ([b, h, s, d] -> transpose,
-[b, s, h*d] -> unflatten, additive mask -> -inf, ...), so the cached tensor
-comes out of the compiled graph already in TransformerLens's layout.
+  layout modules    call_module(FromTL, y)  becomes  from_tl(y) as ATen nodes
+`to_tl` is the site's `Layout.to_tl` traced into ATen ops (`emit_layout`:
+[b, h, s, d] -> transpose, [b, s, h*d] -> view, additive mask -> -inf, grouped
+heads -> select, ...), the very function the eager HookPoint runs, so the
+cached tensor comes out of the compiled graph in TransformerLens's layout.
 Requires insert_hooks (and materialise_opt_in for any opt-in site named).
 Invariant: the HookPoint nodes left are exactly the hooked sites, and the
 output holds 1 + len(cached) values.
@@ -32,8 +34,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import val
-from fxlens.hook_points import Layout
+from fxlens.hook_points import HookPoint, Layout, emit_layout
 from fxlens.passes_base import PassResult
 
 aten = torch.ops.aten
@@ -46,41 +47,45 @@ def hook_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
             if n.op == "call_module" and "fxlens.site" in n.meta}
 
 
-def _call(graph: fx.Graph, op, args: tuple, like: fx.Node, name: str) -> fx.Node:
-    node = graph.call_function(op, args)
-    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
-    node.meta["fxlens.created_by"] = NAME
-    node.meta["fxlens.cache_of"] = name
-    return node
-
-
 def to_tl_nodes(graph: fx.Graph, x: fx.Node, layout: Layout, batch: fx.Node | None,
                 name: str) -> fx.Node:
-    """`layout.to_tl(x)` as graph nodes inserted after `x` (see `Layout.to_tl`)."""
-    kind = layout.kind
-    if kind == "same" or (kind == "batch" and batch is None):
-        return x
-    if kind == "bhsd":
-        # [b, h, s, d] -> [b, s, h, d]
-        return _call(graph, aten.transpose.int, (x, 1, 2), x, name)
-    if kind == "flat":
-        # [b, s, h*d] -> [b, s, h, d]
-        return _call(graph, aten.unflatten.int, (x, -1, [layout.heads, layout.d_head]), x, name)
-    if kind == "tokens":
-        # [b*s, d] -> [b, s, d]
-        return _call(graph, aten.unflatten.int, (x, 0, [batch, -1]), x, name)
-    if kind == "batch":
-        # [1, s, d] -> [b, s, d] (a broadcast view, like the eager hook shows)
-        v = val(x)
-        rest = [-1] * (v.dim() - 1) if v is not None else [-1, -1]
-        return _call(graph, aten.expand.default, (x, [batch, *rest]), x, name)
-    if kind == "scores":
-        # HF adds the dtype's minimum at masked positions; TransformerLens shows -inf
-        v = val(x)
-        dtype = v.dtype if v is not None else torch.float32
-        masked = _call(graph, aten.le.Scalar, (x, torch.finfo(dtype).min / 2), x, name)
-        return _call(graph, aten.masked_fill.Scalar, (x, masked, float("-inf")), x, name)
-    raise PassError(NAME, f"{name}: no in-graph form of layout {kind!r}")
+    """`layout.to_tl(x, batch)` as graph nodes at the insertion point, traced from
+    `Layout.to_tl` itself (`emit_layout`), tagged as the cache of `name`."""
+    before = set(graph.nodes)
+    out = emit_layout(graph, layout, "to_tl", x, batch)
+    _tag(graph, before, x, {"fxlens.cache_of": name})
+    return out
+
+
+def _tag(graph: fx.Graph, before: set, like: fx.Node, extra: dict) -> None:
+    for n in graph.nodes:
+        if n not in before:
+            n.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {}))
+            n.meta["fxlens.created_by"] = NAME
+            n.meta.update(extra)
+
+
+def inline_layout_modules(gm: fx.GraphModule) -> int:
+    """call_module(m, y) where m is a layout-mapping module (`layout` and no
+    hooks, e.g. the opt-in pass's FromTL) -> `m.layout.from_tl(y, y)` as nodes,
+    so that a variant's graph holds no module calls besides the HookPoints."""
+    graph = gm.graph
+    n_done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or "fxlens.site" in node.meta:
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, HookPoint) or not isinstance(getattr(mod, "layout", None), Layout):
+            continue
+        (y,) = node.args
+        before = set(graph.nodes)
+        with graph.inserting_before(node):
+            out = emit_layout(graph, mod.layout, "from_tl", y, out_val=node.meta.get("val"))
+        _tag(graph, before, node, {})
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        n_done += 1
+    return n_done
 
 
 def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str]) -> PassResult:
@@ -112,6 +117,7 @@ def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         removed += 1
+    inlined = inline_layout_modules(gm)
     contracted = _contract_summed_einsums(graph)
     graph.eliminate_dead_code()
     graph.lint()
@@ -124,7 +130,7 @@ def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str
         raise PassError(NAME, "the output does not hold one value per cached site")
     return PassResult(NAME, matched=len(hooks),
                       details={"cached": len(cached), "hooked": len(hooked), "removed": removed,
-                               "contracted": contracted})
+                               "contracted": contracted, "inlined": inlined})
 
 
 def _contract_summed_einsums(graph: fx.Graph) -> int:

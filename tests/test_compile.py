@@ -115,7 +115,7 @@ def test_specialise_keeps_only_what_is_observed():
     gm, (spec, fuse) = build_variant(model, cached, {"blocks.0.hook_resid_post"})
     assert set(hook_nodes(gm.graph)) == {"blocks.0.hook_resid_post"}
     assert spec.details == {"cached": 3, "hooked": 1, "removed": len(model.hook_dict) - 1,
-                            "contracted": 0}
+                            "contracted": 0, "inlined": 0}
     assert len(gm.graph.output_node().args[0]) == 1 + len(cached)
     # block 0 fuses (z is sdpa's output); blocks 1 and 2 are observed
     assert fuse.matched == 1 and count(gm, SDPA) == 1
