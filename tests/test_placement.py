@@ -9,9 +9,7 @@ larger than the limit is captured and run.
 from __future__ import annotations
 
 import functools
-import gc
 import re
-import resource
 
 import pytest
 import torch
@@ -91,11 +89,32 @@ def test_device_map_errors():
         fxlens.capture(GPT2, device_map="cpu", max_memory={"cpu": "1GB"})
 
 
-def _vm_data() -> int:
-    return int(re.search(r"VmData:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+# Run in a fresh process: in a long pytest process, memory freed by earlier tests
+# can stay mapped and be reused, so the limit would not bite where it should.
+_LIMITED = r"""
+import re, resource, sys, torch, fxlens
+path, full, limit, small = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+# import everything a placed capture uses (lazy imports need memory too) on the small model first
+fxlens.from_pretrained_no_processing(small, device_map={"": "disk"})(torch.zeros(1, 3, dtype=torch.long))
+vm = int(re.search(r"VmData:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+resource.setrlimit(resource.RLIMIT_DATA, (vm + limit, hard))
+try:
+    torch.empty(full, dtype=torch.uint8)
+    sys.exit("the memory limit did not bite")
+except RuntimeError as exc:
+    assert "can't allocate memory" in str(exc), exc
+model = fxlens.from_pretrained_no_processing(path, device_map={"": "disk"})
+tokens = torch.load(path + "/tokens.pt")
+with torch.no_grad():
+    torch.save(model(tokens), path + "/got.pt")
+"""
 
 
 def test_checkpoint_larger_than_the_memory_limit(tmp_path):
+    import subprocess
+    import sys
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # 114 MiB of float32 weights (a 50257 x 512 embedding, two blocks)
@@ -106,21 +125,15 @@ def test_checkpoint_larger_than_the_memory_limit(tmp_path):
     hf.save_pretrained(tmp_path)
     full = sum(p.numel() * p.element_size() for p in hf.parameters())
     tokens = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
     with torch.no_grad():
         want = hf(tokens).logits
     del hf
-    gc.collect()
-    # the limit: 64 MiB of private memory more than now, about half the weights
+    # the limit: 64 MiB of private memory more than the fresh process has, about half the weights
     limit = 64 * 2**20
     assert full > 1.5 * limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    resource.setrlimit(resource.RLIMIT_DATA, (_vm_data() + limit, hard))
-    try:
-        with pytest.raises(RuntimeError, match="can't allocate memory"):   # the limit bites
-            torch.empty(full, dtype=torch.uint8)
-        model = fxlens.from_pretrained_no_processing(tmp_path, device_map={"": "disk"})
-        with torch.no_grad():
-            got = model(tokens)
-    finally:
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    run = subprocess.run([sys.executable, "-c", _LIMITED, str(tmp_path), str(full), str(limit), str(GPT2)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = torch.load(tmp_path / "got.pt")
     assert rel_err(got, want) <= RTOL
