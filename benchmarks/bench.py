@@ -94,25 +94,30 @@ def peak_rss_growth(fn) -> float:
     return peak[0] - base
 
 
-def run_phase(variants: dict, reps: int, warmup: int = 2) -> dict:
-    """Median seconds per variant, interleaved; first-call seconds for compile time."""
+def run_phase(variants: dict, reps: int, warmup: int = 2, sync=lambda: None, peak=peak_rss_growth) -> dict:
+    """Median seconds per variant, interleaved; first-call seconds for compile time.
+    `sync` runs before and after each timed call (a GPU synchronise); `peak(fn)`
+    measures one extra call's memory in MB."""
     import torch
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()                                           # the result is dropped here
+        sync()
+        return time.perf_counter() - start
 
     first, times = {}, {name: [] for name in variants}
     with torch.inference_mode():
         for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            first[name] = time.perf_counter() - start
+            first[name] = timed(fn)
             for _ in range(warmup - 1):
                 fn()
         names = list(variants)
         for rep in range(reps):
             for name in names[rep % len(names):] + names[:rep % len(names)]:
-                start = time.perf_counter()
-                variants[name]()                       # the result is dropped here
-                times[name].append(time.perf_counter() - start)
-        peaks = {name: peak_rss_growth(fn) for name, fn in variants.items()}
+                times[name].append(timed(variants[name]))
+        peaks = {name: peak(fn) for name, fn in variants.items()}
     return {name: {"median_s": statistics.median(ts), "first_s": first[name],
                    "min_s": min(ts), "peak_mb": peaks[name], "reps": len(ts)}
             for name, ts in times.items()}

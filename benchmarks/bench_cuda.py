@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -59,30 +58,9 @@ def peak_memory_mb(fn, device: str) -> float:
 
 
 def run_phase(variants: dict, reps: int, device: str, warmup: int = 2) -> dict:
-    """Median seconds per variant, interleaved; first-call seconds (compile time)."""
-    import torch
-
-    first, times = {}, {name: [] for name in variants}
-    with torch.inference_mode():
-        for name, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            first[name] = time.perf_counter() - start
-            for _ in range(warmup - 1):
-                fn()
-        names = list(variants)
-        for rep in range(reps):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                _sync(device)
-                start = time.perf_counter()
-                variants[name]()                       # the result is dropped here
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-        peaks = {name: peak_memory_mb(fn, device) for name, fn in variants.items()}
-    return {name: {"median_s": statistics.median(ts), "first_s": first[name], "min_s": min(ts),
-                   "peak_mb": peaks[name], "reps": len(ts)} for name, ts in times.items()}
+    """bench.run_phase with GPU synchronisation and GPU peak memory."""
+    return bench.run_phase(variants, reps, warmup, sync=lambda: _sync(device),
+                           peak=lambda fn: peak_memory_mb(fn, device))
 
 
 def load(which: str, device: str, dtype):
