@@ -167,29 +167,42 @@ class HookPoint(nn.Module):
         self.name = name
         self.layout = layout
         self.fwd_hooks: list = []   # [(fn, permanent)]
+        self.bwd_hooks: list = []   # [(fn, permanent)]: fn(grad, hook) -> tensor | None
 
     def layer(self) -> int | None:
         parts = self.name.split(".")
         return int(parts[1]) if parts[0] == "blocks" else None
 
     def forward(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        if not self.fwd_hooks:
+        if not self.fwd_hooks and not self.bwd_hooks:
             return x
         y = self.layout.to_tl(x, batch)
         for fn, _ in list(self.fwd_hooks):
-            out = fn(y, hook=self)
-            if out is None:
-                continue
-            if not isinstance(out, torch.Tensor):
-                raise HookReturnError(
-                    f"hook on {self.name} returned {type(out).__name__}; return a tensor "
-                    f"shaped {tuple(y.shape)} or None")
-            if out.shape != y.shape or out.dtype != y.dtype:
-                raise HookReturnError(
-                    f"hook on {self.name} returned {tuple(out.shape)} {out.dtype}; the activation "
-                    f"is {tuple(y.shape)} {y.dtype}, and a replacement must match it")
-            y = out
+            y = self._checked(fn(y, hook=self), y, "activation")
+        if self.bwd_hooks and y.requires_grad:
+            # a fresh node, so the hooks see the gradient of this site's output only
+            y = y.view_as(y)
+            for fn, _ in list(self.bwd_hooks):
+                y.register_hook(functools.partial(self._run_bwd, fn))
         return self.layout.from_tl(y, x)
+
+    def _run_bwd(self, fn, grad: torch.Tensor) -> torch.Tensor | None:
+        out = fn(grad, hook=self)
+        return None if out is None else self._checked(out, grad, "gradient")
+
+    def _checked(self, out, like: torch.Tensor, what: str) -> torch.Tensor:
+        """A hook's return value: None keeps `like`; a tensor must match it."""
+        if out is None:
+            return like
+        if not isinstance(out, torch.Tensor):
+            raise HookReturnError(
+                f"hook on {self.name} returned {type(out).__name__}; return a tensor "
+                f"shaped {tuple(like.shape)} or None")
+        if out.shape != like.shape or out.dtype != like.dtype:
+            raise HookReturnError(
+                f"hook on {self.name} returned {tuple(out.shape)} {out.dtype}; the {what} "
+                f"is {tuple(like.shape)} {like.dtype}, and a replacement must match it")
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, layout={self.layout.kind}"

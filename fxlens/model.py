@@ -81,34 +81,39 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
     def add_hook(self, name, hook: Callable, dir: str = "fwd", is_permanent: bool = False,
                  prepend: bool = False) -> None:
-        if dir != "fwd":
-            raise FxlensError(f"add_hook: dir={dir!r}; fxlens supports forward hooks only")
+        """`dir="fwd"`: `hook(activation, hook)`; `dir="bwd"`: `hook(grad, hook)` with the
+        gradient of whatever is backpropagated with respect to the site's activation
+        (TransformerLens layout); a returned tensor replaces it."""
         for hp in self._resolve(name):
+            hooks = _hook_list(hp, dir)
             entry = (hook, is_permanent)
-            hp.fwd_hooks.insert(0, entry) if prepend else hp.fwd_hooks.append(entry)
+            hooks.insert(0, entry) if prepend else hooks.append(entry)
 
-    def reset_hooks(self, including_permanent: bool = False) -> None:
+    def reset_hooks(self, including_permanent: bool = False, direction: str = "both") -> None:
+        dirs = ("fwd", "bwd") if direction == "both" else (direction,)
         for hp in self.hook_dict.values():
-            hp.fwd_hooks = [] if including_permanent else [h for h in hp.fwd_hooks if h[1]]
+            for d in dirs:
+                hooks = _hook_list(hp, d)
+                hooks[:] = [] if including_permanent else [h for h in hooks if h[1]]
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
-        """`with model.hooks(fwd_hooks=[(name, fn)]):` -- hooks live for the block only."""
-        if bwd_hooks:
-            raise FxlensError("bwd_hooks are not supported; use forward hooks")
-        added: list[tuple[HookPoint, tuple]] = []
+        """`with model.hooks(fwd_hooks=[(name, fn)], bwd_hooks=[(name, fn)]):` -- hooks
+        live for the block only."""
+        added: list[tuple[list, tuple]] = []
         try:
-            for name, fn in fwd_hooks:
-                for hp in self._resolve(name):
-                    entry = (fn, False)
-                    hp.fwd_hooks.append(entry)
-                    added.append((hp, entry))
+            for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for name, fn in pairs:
+                    for hp in self._resolve(name):
+                        entry = (fn, False)
+                        _hook_list(hp, dir).append(entry)
+                        added.append((_hook_list(hp, dir), entry))
             yield self
         finally:
             if reset_hooks_end:
-                for hp, entry in added:
+                for hooks, entry in added:
                     with contextlib.suppress(ValueError):
-                        hp.fwd_hooks.remove(entry)
+                        hooks.remove(entry)
 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
@@ -192,9 +197,13 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
     def _run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
-        if self._compiled is not None and self._covers(tokens):
+        if self._compiled is not None and self._covers(tokens) and not self._has_bwd_hooks():
             return self._compiled.run(tokens, cache_names)
         return self._run_eager(tokens, cache_names)
+
+    def _has_bwd_hooks(self) -> bool:
+        # backward hooks are tensor hooks registered as the eager graph runs
+        return any(hp.bwd_hooks for hp in self.hook_dict.values())
 
     def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         if not cache_names:
@@ -305,19 +314,48 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
     def run_with_cache(self, *model_args, names_filter: NamesFilter = None, device=None,
                        remove_batch_dim: bool = False, return_cache_object: bool = True,
-                       **model_kwargs):
+                       incl_bwd: bool = False, **model_kwargs):
+        """TransformerLens's run_with_cache. `incl_bwd=True` runs with gradients, calls
+        `backward()` on the output (which must be a scalar: `return_type="loss"`) and adds
+        `<name>_grad`, the gradient with respect to each cached site."""
         names = self._names(names_filter)
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise FxlensError(f"run_with_cache(device={device!r}): this machine has no CUDA device; "
                               f"pass device='cpu' or leave device unset")
-        with torch.no_grad():
-            out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
-        ordered = {n: (store[n].to(device) if device is not None else store[n])
-                   for n in self.hook_names if n in store}
+        if incl_bwd:
+            out, store = self._forward_backward(model_args, model_kwargs, names)
+        else:
+            with torch.no_grad():
+                out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
+        order = [k for n in self.hook_names for k in (n, n + "_grad")]
+        ordered = {k: (store[k].to(device) if device is not None else store[k])
+                   for k in order if k in store}
         cache = ActivationCache(ordered, self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
         return out, (cache if return_cache_object else cache.cache_dict)
+
+    def _forward_backward(self, model_args, model_kwargs, names) -> tuple[torch.Tensor, dict]:
+        grads: dict[str, torch.Tensor] = {}
+
+        def save_grad(grad, hook):
+            grads[hook.name + "_grad"] = grad.detach()
+
+        with torch.enable_grad(), self.hooks(bwd_hooks=[(n, save_grad) for n in names]):
+            out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
+            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise FxlensError(
+                    f"run_with_cache(incl_bwd=True) calls backward() on the output, which is "
+                    f"{shape}; it needs a scalar: pass return_type='loss' (or hook the sites "
+                    f"with bwd_hooks and call backward on a scalar of your own)")
+            if not out.requires_grad:
+                raise FxlensError(
+                    "run_with_cache(incl_bwd=True): the output does not require grad (no "
+                    "parameter has requires_grad=True); enable it with "
+                    "model.requires_grad_(True)")
+            out.backward()
+        return out, {**store, **grads}
 
     # --- tokens ---------------------------------------------------------------------------
     def _as_tokens(self, input, prepend_bos, padding_side) -> torch.Tensor:
@@ -397,6 +435,12 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         c = self.cfg
         return (f"HookedModel({c.model_name!r}: {c.n_layers} layers, d_model={c.d_model}, "
                 f"{c.n_heads} heads, {len(self.hook_dict)} hooks)")
+
+
+def _hook_list(hp: HookPoint, dir: str) -> list:
+    if dir not in ("fwd", "bwd"):
+        raise ValueError(f"hook direction {dir!r}: use 'fwd' or 'bwd'")
+    return hp.fwd_hooks if dir == "fwd" else hp.bwd_hooks
 
 
 def _outputs(logits, tokens, return_type, loss_per_token):
