@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .cache import ActivationCache
-from .capture import Captured, capture
+from .capture import Captured, capture, checkpoint_kind
 from .config import make_config
 from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, PassError,
@@ -79,7 +79,7 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
         if hf_kwargs:
             raise TypeError(f"{sorted(hf_kwargs)} apply when loading; this model is already captured")
     else:
-        cap = capture(source, dtype=dtype, **hf_kwargs)
+        cap = capture(source, dtype=dtype, kind="decoder", **hf_kwargs)   # the caller chose the kind
     hf = cap.hf_model
     # a graph of its own (parameters copied) unless nobody else can reach the HF
     # model: loaded here from a path, it dies with this call
@@ -164,24 +164,30 @@ def encoder_from_pretrained_no_processing(source, *, device=None, dtype=torch.fl
     return model.compile() if compile else model
 
 
-def _is_encoder(source, kind: str) -> bool:
-    if kind not in ("decoder", "encoder"):
-        raise ValueError(f"kind={kind!r}; use 'decoder' (causal LMs) or 'encoder' (BERT-style)")
+def _is_encoder(source, kind: str, hf_kwargs: dict) -> bool:
+    if kind not in ("auto", "decoder", "encoder"):
+        raise ValueError(f"kind={kind!r}; use 'auto' (what the checkpoint declares), 'decoder' "
+                         f"(causal LMs) or 'encoder' (BERT-style)")
+    if kind == "auto":
+        return checkpoint_kind(source, hf_kwargs) == "encoder"
     return kind == "encoder" or isinstance(source, EncoderCaptured)
 
 
 def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, self_check: bool = True,
                                   default_prepend_bos: bool | None = None, on_pass=None,
-                                  compile: bool = False, kind: str = "decoder", **hf_kwargs) -> HookedModel:
+                                  compile: bool = False, kind: str = "auto", **hf_kwargs) -> HookedModel:
     """Instrument an HF causal LM with TransformerLens hook points, weights unprocessed.
 
     `source`: a checkpoint folder, a hub id already in the local HF cache, or a
     `PreTrainedModel`. Extra keywords go to `from_pretrained` (`gguf_file`,
     `revision`, ...) or set the tokenizer (`tokenizer=`). `compile=True` is
     `model.compile()`: calls run through torch.compile (see `fxlens.compiled`).
-    `kind="encoder"` is `encoder_from_pretrained_no_processing`.
+    A BERT-style checkpoint (an encoder class in `config.architectures`, or a
+    masked-LM model type that is not `is_decoder`) is instrumented as
+    `encoder_from_pretrained_no_processing` does; `kind="decoder"` / `"encoder"`
+    forces one; a checkpoint that is neither is refused (CaptureError).
     """
-    if _is_encoder(source, kind):
+    if _is_encoder(source, kind, hf_kwargs):
         return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
                                                      on_pass=on_pass, compile=compile, **hf_kwargs)
     flags = {f: False for f in PROCESSING_FLAGS}
@@ -193,16 +199,16 @@ def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: boo
                     center_unembed: bool = True, fold_value_biases: bool = True,
                     refactor_factored_attn_matrices: bool = False, device=None, dtype=torch.float32,
                     self_check: bool = True, default_prepend_bos: bool | None = None, on_pass=None,
-                    compile: bool = False, kind: str = "decoder", **hf_kwargs) -> HookedModel:
+                    compile: bool = False, kind: str = "auto", **hf_kwargs) -> HookedModel:
     """Instrument with TransformerLens's weight processing (its defaults: the four
     flags on). Each flag is a compiler pass; one that cannot apply to part of
     the model is skipped there with a warning, and `model.processing` records
     what was applied and which parameters each pass changed. Encoders
-    (`kind="encoder"`) load unprocessed, with a warning naming the flags skipped."""
+    (detected as in `from_pretrained_no_processing`) load unprocessed, with a warning naming the flags skipped."""
     flags = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                  refactor_factored_attn_matrices=refactor_factored_attn_matrices)
-    if _is_encoder(source, kind):
+    if _is_encoder(source, kind, hf_kwargs):
         warn_processing_skipped(flags)
         return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
                                                      on_pass=on_pass, compile=compile, **hf_kwargs)

@@ -33,6 +33,7 @@ class Captured:
     name: str
     info: "CaptureInfo | None" = None   # how torch.export succeeded (see CaptureInfo)
 
+    kind = "decoder"   # "encoder" for fxlens.encoder.EncoderCaptured
     placed = False   # True where parameters sit on a device map's devices (fxlens.placement)
 
     def graph_module(self, own: bool = True) -> fx.GraphModule:
@@ -97,6 +98,49 @@ def n_ctx_of(config) -> int:
         if isinstance(v, int) and v > 0:
             return v
     return 2048
+
+
+def checkpoint_kind(source, hf_kwargs: dict) -> str:
+    """'decoder' (a causal LM) or 'encoder' (BERT-style), from what the checkpoint
+    declares: the class of an in-memory model or `config.architectures`, read
+    against transformers' own auto mappings. A model type with both kinds (BERT,
+    RoBERTa, ...) is an encoder unless it declares a causal-LM class or
+    `is_decoder`. Raises CaptureError for a checkpoint that is neither."""
+    from transformers import AutoConfig, PreTrainedModel
+    from transformers.models.auto import modeling_auto as auto
+
+    if isinstance(source, Captured):
+        return source.kind
+    if isinstance(source, PreTrainedModel):
+        config, declared = source.config, [type(source).__name__]
+    elif isinstance(source, (str, os.PathLike)):
+        keys = ("revision", "trust_remote_code", "cache_dir", "subfolder", "token", "gguf_file")
+        kwargs = {k: hf_kwargs[k] for k in keys if k in hf_kwargs}
+        if not os.path.isdir(str(source)):
+            kwargs.setdefault("local_files_only", True)
+        try:
+            config = AutoConfig.from_pretrained(str(source), **kwargs)
+        except Exception:   # the loader reports an unreadable checkpoint with its own error
+            return "decoder"
+        declared = list(getattr(config, "architectures", None) or ())
+    else:
+        return "decoder"
+    causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    masked = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    model_type = getattr(config, "model_type", None)
+    if any(name in set(causal.values()) for name in declared):
+        return "decoder"
+    if not getattr(config, "is_encoder_decoder", False):
+        if model_type in masked and (declared or not getattr(config, "is_decoder", False)):
+            return "encoder"
+        if model_type in causal:
+            return "decoder"
+    raise CaptureError(
+        f"{getattr(source, 'name_or_path', None) or source!s}: model type {model_type!r} declaring "
+        f"{declared or 'no architecture'} is neither a causal LM (a class of transformers' "
+        f"MODEL_FOR_CAUSAL_LM_MAPPING) nor a BERT-style encoder"
+        f"{' (it is an encoder-decoder model)' if getattr(config, 'is_encoder_decoder', False) else ''}; "
+        f"fxlens instruments those two kinds. Pass kind='decoder' or kind='encoder' to force one.")
 
 
 def load_model(source, dtype=torch.float32, **hf_kwargs):
@@ -273,11 +317,19 @@ def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:
 
 
 def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offload_folder=None,
-            **hf_kwargs) -> Captured:
-    """Load and export `source`. With `device_map` (accelerate's forms: "auto",
+            kind: str = "auto", **hf_kwargs) -> Captured:
+    """Load and export a causal LM. With `device_map` (accelerate's forms: "auto",
     a device, {module prefix: device | "disk"}) the model is exported on the
     meta device and each parameter is then loaded where the map puts it
-    (`fxlens.placement`); the full set of weights is never materialised."""
+    (`fxlens.placement`); the full set of weights is never materialised. A
+    BERT-style checkpoint is refused (it is `fxlens.capture_encoder`'s) unless
+    `kind="decoder"` forces the causal-LM class."""
+    if kind == "auto" and checkpoint_kind(source, hf_kwargs) == "encoder":
+        raise CaptureError(
+            f"{getattr(source, 'name_or_path', None) or source!s} is a BERT-style encoder "
+            f"(bidirectional attention); as a causal LM it would be causal-masked. Capture it with "
+            f"fxlens.capture_encoder(...), or load it with fxlens.from_pretrained(...), which "
+            f"gives TransformerLens's HookedEncoder sites; kind='decoder' forces a causal LM.")
     if device_map is not None or max_memory is not None or offload_folder is not None:
         from .placement import capture_placed
 

@@ -109,6 +109,8 @@ def route_optional_inputs(gm: fx.GraphModule) -> fx.GraphModule:
 class EncoderCaptured(Captured):
     """A captured encoder; `graph_module()` takes `input_ids` only."""
 
+    kind = "encoder"
+
     def graph_module(self, own: bool = True) -> fx.GraphModule:
         gm = route_optional_inputs(_compat.plain_graph_module(self.program.module()))
         return own_tensors(gm) if own else gm

@@ -247,3 +247,38 @@ def test_kind_decoder_keeps_the_decoder_path():
     model = fxlens.from_pretrained_no_processing(captured("gpt2"), kind="decoder")
     assert not isinstance(model, fxlens.HookedEncoder)
     assert model.hook_names[0] == "hook_embed"
+
+
+def test_from_pretrained_on_a_bert_checkpoint_gives_the_encoder():
+    """A BERT folder (architectures: BertForPreTraining) through the decoder entry
+    point: HookedEncoder sites with bidirectional attention, never a causal BERT."""
+    with pytest.warns(UserWarning, match="processing skipped"):
+        model = fxlens.from_pretrained(DATA / "models" / "bert")
+    assert isinstance(model, fxlens.HookedEncoder)
+    assert model.hook_names == list(oracle_hooks("bert")["hooks"])
+    assert rel_err(model(tokens()), oracle("bert", "raw_logits")["logits"]) <= RTOL
+
+
+def test_an_in_memory_masked_lm_gives_the_encoder_and_capture_refuses_it():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32)
+    hf = BertForMaskedLM(cfg).eval()
+    model = fxlens.from_pretrained_no_processing(hf)
+    assert isinstance(model, fxlens.HookedEncoder)
+    toks = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        assert rel_err(model(toks), hf(toks).logits) <= RTOL
+    with pytest.raises(fxlens.errors.CaptureError, match="is a BERT-style encoder.*capture_encoder"):
+        fxlens.capture(hf)
+
+
+def test_a_checkpoint_that_is_neither_is_refused_with_the_reason(tmp_path):
+    from transformers import T5Config
+
+    T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+             architectures=["T5ForConditionalGeneration"]).save_pretrained(tmp_path)
+    with pytest.raises(fxlens.errors.CaptureError,
+                       match="neither a causal LM .* nor a BERT-style encoder .*encoder-decoder"):
+        fxlens.from_pretrained(tmp_path)
