@@ -1,28 +1,55 @@
-"""Compiled hooked inference: the instrumented graph, specialised to the hooks in
-use, compiled with `torch.compile` -- one compiled variant per hook set.
+"""Compiled hooked inference: the instrumented graph, specialised to the sites in
+use, compiled with `torch.compile` -- compiled once per hooked-site set, never
+per hook function.
 
 A variant is built from a copy of the model's graph for one request:
   specialise       unobserved HookPoints removed, cached sites become extra
                    graph outputs (in TransformerLens layout), hooked sites keep
-                   their HookPoint so dynamo traces the user's hooks into the graph
+                   their HookPoint
   fuse_attention   every attention nobody observes becomes one
                    scaled_dot_product_attention node
-and compiled with `torch.compile(dynamic=True, fullgraph=True)`: a new batch
-size or sequence length reuses the compiled code. Size-1 dimensions are
-specialised by dynamo, so the first call with batch 1 (or a 1-token sequence)
-compiles once more, after which both keep working.
+Variants are kept by key (graph version, frozenset(cached names), hooked
+names), so switching between hook sets never rebuilds one, and a
+`run_with_cache` filter is resolved to names first: a new predicate selecting
+the same names is the same variant.
 
-Variants are kept by key (graph version, frozenset(cached names), hooked names),
-so switching between hook sets never recompiles. Inside a variant dynamo guards
-on the hook functions themselves: a different function object on the same site
-compiles once (and the previous one stays cached). A hook dynamo cannot trace
-(a graph break: printing, `.item()`, data-dependent Python control flow ...)
-makes the call run eagerly instead, with one warning saying why; the same hook
-functions then go straight to the eager path.
+Two ways to run the hooks (`HookedModel.compile(hooks=...)`):
+
+  "python" (default)  a variant with hooked sites is cut into segments
+      (`passes/segment.py`) at block boundaries and at the hooked sites; each
+      segment is compiled, and the hooks run as ordinary Python between
+      compiled segments, exactly as in the eager model. A new hook function --
+      a `functools.partial`, a lambda in a loop, a closure over a position, a
+      hook that prints or calls `.item()` -- compiles nothing: dynamo never
+      sees it. Compiled segments are shared by key (`Segment.key`, the
+      segment's code) across blocks and across variants, so blocks with equal
+      code compile once, and a new set of hooked sites only adds cuts:
+      segments whose code is unchanged are reused. Segment inputs go in
+      contiguous, so a hook returning another memory layout does not
+      recompile (dynamo guards on strides). A hook's cost is one Python call
+      and its layout mapping (eager ops). A variant with no hooked site (a
+      forward, `run_with_cache`) has no hook to guard on: it compiles as one
+      whole graph (one compile; nothing between blocks).
+  "traced"  the whole variant is one compiled graph and dynamo traces the
+      user's hooks into it: a hook's ops fuse with the model's and no segment
+      boundaries cost Python calls, which can matter for a fixed hook set on
+      small inputs. But dynamo guards on the hook functions: every new function
+      object (a new partial or closure) compiles the variant again, until
+      dynamo's recompile limit sends the site to eager. A hook dynamo cannot
+      trace (a graph break) makes the call run eagerly, with one warning.
+
+Segments and traced variants compile with `dynamic=True`: a new batch size or
+sequence length reuses the compiled code. Size-1 dimensions are specialised by
+dynamo, so the first call with batch 1 (or a 1-token sequence) compiles once
+more, after which both keep working. Segment inputs have their static sizes
+(d_model, heads, ...; read from the segment's `meta["val"]`) marked static, so
+that a sequence length equal to a static size by chance is not unified with it
+(dynamo's duck sizing) and does not recompile at the next length.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import time
@@ -115,6 +142,9 @@ def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented:
     return gm, results
 
 
+HOOK_MODES = ("python", "traced")
+
+
 @dataclass
 class Variant:
     key: tuple
@@ -122,13 +152,67 @@ class Variant:
     hooked: tuple[str, ...]
     gm: fx.GraphModule
     results: list
-    fn: object = None                # the torch.compile'd callable
-    compilations: int = 0            # graphs compiled for this variant (first + recompiles)
-    eager: dict = field(default_factory=dict)   # hook-function ids -> why they run eagerly
+    fn: object = None                # the torch.compile'd graph, or the segmented gm
+    compilations: int = 0            # traced: graphs compiled for this variant (first + recompiles)
+    eager: dict = field(default_factory=dict)   # traced: hook-function ids -> why they run eagerly
+    segmented: bool = False          # hooks run in Python between compiled segments
+    segments: tuple = ()             # segmented: the CompiledSegments this variant calls
 
     @property
     def fused(self) -> int:
         return next((r.matched for r in self.results if r.name == "fuse_attention"), 0)
+
+
+class CompiledSegment:
+    """One compiled segment, shared by every `Segment` with its key (blocks with
+    equal code, and the same piece in other variants). Pure: a function of its
+    inputs (activations, the block's weights, sizes), so when dynamo cannot
+    compile it, the same call runs the graph eagerly (one warning)."""
+
+    def __init__(self, runner: "CompiledRunner", gm: fx.GraphModule, key: str):
+        self.runner, self.gm, self.key = runner, gm, key
+        self.compilations = 0
+        self.eager_reason: str | None = None
+        # per input: its static dimensions where some others are symbolic (batch, pos)
+        self.static_dims = []
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                v = n.meta.get("val")
+                dims = None
+                if isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape):
+                    dims = [i for i, d in enumerate(v.shape) if not isinstance(d, torch.SymInt)] or None
+                self.static_dims.append(dims)
+        self.fn = torch.compile(gm, backend=runner._counting_backend(self), dynamic=runner.dynamic,
+                                fullgraph=True)
+
+    def __call__(self, *args):
+        if self.eager_reason is not None:
+            return self.gm(*args)
+        args = [_as_guarded(a, dims) for a, dims in zip(args, self.static_dims)]
+        try:
+            return self.fn(*args)
+        except Exception as exc:  # dynamo/inductor could not compile it: run the same call eagerly
+            out = self.gm(*args)   # a real error raises here
+            self.eager_reason = _why(exc)
+            self.runner.fallbacks += 1
+            warnings.warn(f"fxlens: torch.compile cannot compile a graph segment: {self.eager_reason}; "
+                          f"it runs eagerly", CompileFallbackWarning, stacklevel=_user_stacklevel())
+            return out
+
+
+def _as_guarded(a, static_dims):
+    """A segment input as its compiled code expects it: dynamo guards on strides, and
+    a hook may return another memory layout than the graph made (`index_fill` on a
+    transposed view returns a contiguous tensor, which maps back transposed), so
+    activations go in contiguous -- one layout, one compile -- with their static
+    sizes marked static (see the module docstring)."""
+    if type(a) is not torch.Tensor:      # parameters (static already), sizes, None
+        return a
+    if not a.is_contiguous():
+        a = a.contiguous()
+    if static_dims is not None:
+        torch._dynamo.mark_static(a, static_dims)
+    return a
 
 
 class CompiledRunner:
@@ -136,7 +220,11 @@ class CompiledRunner:
 
     def __init__(self, model, *, backend="inductor", mode: str | None = None,
                  options: dict | None = None, dynamic: bool = True, fullgraph: bool = True,
-                 fuse_attention: bool = True):
+                 fuse_attention: bool = True, hooks: str = "python"):
+        if hooks not in HOOK_MODES:
+            raise ValueError(f"hooks={hooks!r}: use 'python' (hooks run between compiled segments; "
+                             f"new hook functions never recompile) or 'traced' (hooks compiled into "
+                             f"the graph; each new hook function recompiles)")
         self.model = model
         self.backend = backend
         self.mode = mode
@@ -144,7 +232,9 @@ class CompiledRunner:
         self.dynamic = dynamic
         self.fullgraph = fullgraph
         self.fuse_attention = fuse_attention
+        self.hooks = hooks
         self.variants: dict[tuple, Variant] = {}
+        self.segments: dict[str, CompiledSegment] = {}   # Segment.key -> its compiled code
         self.graph_version = self._version()
         self.compilations = 0
         self.compile_seconds = 0.0
@@ -158,28 +248,64 @@ class CompiledRunner:
     def key(self, cached, hooked) -> tuple:
         return (*self._version(), frozenset(cached), tuple(hooked))
 
+    def clear(self) -> None:
+        """Drop every variant and compiled segment (the graph or its buffers changed)."""
+        self.variants.clear()
+        self.segments.clear()
+
     def variant(self, cached, hooked) -> Variant:
         if self._version() != self.graph_version:
             # the graph was rewritten (an opt-in site) or replaced: old variants are stale
-            self.variants.clear()
+            self.clear()
             self.graph_version = self._version()
         key = self.key(cached, hooked)
         v = self.variants.get(key)
         if v is None:
             ordered = tuple(canonical_order(set(cached)))
-            gm, results = build_variant(self.model, ordered, hooked, self.fuse_attention)
-            v = Variant(key=key, cached=ordered, hooked=tuple(hooked), gm=gm, results=results)
-            v.fn = torch.compile(gm, backend=self._counting_backend(v), dynamic=self.dynamic,
-                                 fullgraph=self.fullgraph)
+            # hooks="python": a variant with hooked sites runs in segments with its hooks
+            # between them; one without hooks (forward, run_with_cache) has no hook to
+            # guard on and compiles whole (one compile, no Python between blocks)
+            segmented = self.hooks == "python" and bool(hooked)
+            gm, results = build_variant(self.model, ordered, hooked, self.fuse_attention,
+                                        segmented=segmented)
+            v = Variant(key=key, cached=ordered, hooked=tuple(hooked), gm=gm, results=results,
+                        segmented=segmented)
+            if segmented:
+                v.segments = tuple(self._use_compiled_segments(gm))
+                v.fn = gm
+            else:
+                v.fn = torch.compile(gm, backend=self._counting_backend(v), dynamic=self.dynamic,
+                                     fullgraph=self.fullgraph)
             self.variants[key] = v
         return v
 
-    def _counting_backend(self, variant: Variant):
-        """The chosen backend, counting each graph it compiles (tests count these)."""
+    def _use_compiled_segments(self, gm: fx.GraphModule) -> list[CompiledSegment]:
+        """Point each Segment of a segmented variant at the compiled code for its key."""
+        from fxlens.passes.segment import Segment
+
+        for n in gm.graph.nodes:     # weights and buffers: static sizes (parameters are already)
+            if n.op == "get_attr":
+                t = operator.attrgetter(n.target)(gm)
+                if type(t) is torch.Tensor:
+                    torch._dynamo.mark_static(t)
+        used = []
+        for seg in gm.modules():
+            if isinstance(seg, Segment):
+                compiled = self.segments.get(seg.key)
+                if compiled is None:
+                    compiled = self.segments[seg.key] = CompiledSegment(self, seg.graph_module, seg.key)
+                seg.use(compiled)
+                if compiled not in used:
+                    used.append(compiled)
+        return used
+
+    def _counting_backend(self, counter):
+        """The chosen backend, counting each graph it compiles (tests count these)
+        on `counter` (a Variant or a CompiledSegment) and on the runner."""
         inner = self._inner_backend()
 
         def backend(gm, example_inputs):
-            variant.compilations += 1
+            counter.compilations += 1
             self.compilations += 1
             return inner(gm, example_inputs)
 
@@ -207,17 +333,20 @@ class CompiledRunner:
         model = self.model
         hooked = tuple(n for n, hp in model.hook_dict.items() if hp.fwd_hooks)
         v = self.variant(cache_names, hooked)
-        fns = self._hook_ids(hooked)
-        if fns in v.eager:
-            return model._run_eager(tokens, cache_names)
         before = self.compilations
         start = time.perf_counter()
-        try:
-            outs = v.fn(tokens)
-        except Exception as exc:  # dynamo could not trace it: run the same call eagerly
-            logits, store = model._run_eager(tokens, cache_names)   # a real error raises here
-            self._fall_back(v, fns, hooked, exc)
-            return logits, store
+        if v.segmented:
+            outs = v.fn(tokens)     # hooks run in Python between the compiled segments
+        else:
+            fns = self._hook_ids(hooked)
+            if fns in v.eager:
+                return model._run_eager(tokens, cache_names)
+            try:
+                outs = v.fn(tokens)
+            except Exception as exc:  # dynamo could not trace it: run the same call eagerly
+                logits, store = model._run_eager(tokens, cache_names)   # a real error raises here
+                self._fall_back(v, fns, hooked, exc)
+                return logits, store
         if self.compilations != before:
             self.compile_seconds += time.perf_counter() - start
         logits, *values = outs
@@ -239,9 +368,15 @@ class CompiledRunner:
                       f"eagerly", CompileFallbackWarning, stacklevel=_user_stacklevel())
 
     def stats(self) -> dict:
-        return {"variants": len(self.variants), "compilations": self.compilations,
-                "compile_seconds": round(self.compile_seconds, 2), "fallbacks": self.fallbacks,
-                "fused_attention": {_label(v): v.fused for v in self.variants.values()}}
+        """variants built; graphs compiled (segments or traced variants, first
+        compiles and recompiles); seconds of calls that compiled; eager fallbacks;
+        compiled segments (hooks='python'); fused attentions per variant."""
+        out = {"hooks": self.hooks, "variants": len(self.variants), "compilations": self.compilations,
+               "compile_seconds": round(self.compile_seconds, 2), "fallbacks": self.fallbacks}
+        if self.hooks == "python":
+            out["segments"] = len(self.segments)
+        out["fused_attention"] = {_label(v): v.fused for v in self.variants.values()}
+        return out
 
 
 def _label(v: Variant) -> str:

@@ -117,20 +117,26 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
-                dynamic: bool = True, fuse_attention: bool = True) -> "HookedModel":
+                dynamic: bool = True, fuse_attention: bool = True, hooks: str = "python") -> "HookedModel":
         """Run through `torch.compile` from now on (see `fxlens.compiled`).
 
-        Each hook set gets its own specialised, compiled graph: `run_with_cache`
-        names become extra graph outputs, sites nobody observes vanish, user
-        hooks are traced into the graph, and attention nobody observes runs as
-        fused `scaled_dot_product_attention`. Compilation is lazy (the first call
-        with a new hook set takes seconds); new batch sizes and sequence lengths
-        reuse it (batch 1 or a 1-token input compiles once more). Returns self.
+        Each set of observed sites gets its own specialised graph: `run_with_cache`
+        names become extra graph outputs, sites nobody observes vanish, and
+        attention nobody observes runs as fused `scaled_dot_product_attention`.
+        `hooks="python"` (default): the graph is compiled in segments cut at
+        block boundaries and hooked sites, and hooks run as plain Python between
+        them, so a new hook function (a partial, a lambda, a closure over a
+        position) never recompiles; blocks with equal code share one compiled
+        segment. `hooks="traced"`: hooks are compiled into one whole graph (each
+        new hook function recompiles; for a fixed hook set). Compilation is lazy
+        (the first call with a new site set takes seconds); new batch sizes and
+        sequence lengths reuse it (batch 1 or a 1-token input compiles once more).
+        Returns self.
         """
         from .compiled import CompiledRunner
 
         self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,
-                                        dynamic=dynamic, fuse_attention=fuse_attention)
+                                        dynamic=dynamic, fuse_attention=fuse_attention, hooks=hooks)
         return self
 
     def uncompile(self) -> "HookedModel":
@@ -152,7 +158,7 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         self._graph_version += 1
         self._refresh_hook_dict()
         if self._compiled is not None:
-            self._compiled.variants.clear()
+            self._compiled.clear()
 
     def _apply(self, fn, *args, **kwargs):
         # the captured graph keeps its dtype's casts and constants: a float dtype
@@ -168,7 +174,7 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         # .to() / .half() replace buffers the compiled variants hold: rebuild them
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "_compiled", None) is not None:
-            self._compiled.variants.clear()
+            self._compiled.clear()
         # cfg follows the weights: the embedding's dtype and device are the model's
         if getattr(self, "spec", None) is not None:
             w_e = self.W_E

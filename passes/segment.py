@@ -39,13 +39,19 @@ BOUNDARY = "fxlens.boundary"
 
 class Segment(torch.nn.Module):
     """One piece of a segmented variant: `fn(*inputs) -> tuple of outputs`.
-    `fn` is the GraphModule itself until a runner swaps in a compiled callable."""
+    `fn` is the GraphModule itself until a runner swaps in a compiled callable
+    (`use`), which segments with the same key may share."""
 
     def __init__(self, gm: fx.GraphModule, key: str):
         super().__init__()
         self.graph_module = gm
         self.key = key
         self.fn = gm
+
+    def use(self, fn) -> None:
+        """Run `fn` (any callable, e.g. a compiled segment) instead of the graph."""
+        self._modules.pop("fn", None)
+        object.__setattr__(self, "fn", fn)
 
     def forward(self, *args):
         return self.fn(*args)

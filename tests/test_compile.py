@@ -14,11 +14,12 @@ moves values by ~1e-6 of their size; 1e-4 is the oracle tests' tolerance.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
-from conftest import DATA, ORACLE_ARCHS, oracle_model, rel_err
+from conftest import DATA, ORACLE_ARCHS, captured, oracle_model, rel_err
 from tiny_models import tiny_model
 
 import fxlens
@@ -199,7 +200,13 @@ def test_inductor_editing_hook_and_opt_in(gpt2_inductor):
             toks = tokens(b, s, seed=20 + i)
             want = eager(model, lambda: model.run_with_hooks(toks, fwd_hooks=hooks))
             assert rel_err(model.run_with_hooks(toks, fwd_hooks=hooks), want) <= COMPILED_RTOL
-        assert model.compile_stats()["compilations"] == before + 1
+        # hooks run between inductor-compiled segments: the embedding, one segment for
+        # blocks 0 and 2, block 1 before and after z, the unembedding
+        assert model.compile_stats()["compilations"] == before + 5
+        other = [("blocks.1.attn.hook_z", lambda z, hook: z.index_fill(2, torch.tensor([3]), 0.0))]
+        want = eager(model, lambda: model.run_with_hooks(toks, fwd_hooks=other))
+        assert rel_err(model.run_with_hooks(toks, fwd_hooks=other), want) <= COMPILED_RTOL
+        assert model.compile_stats()["compilations"] == before + 5      # a new hook: nothing
         # an opt-in site rewrites the graph: variants of the old graph are dropped
         names = ["blocks.0.attn.hook_result", "blocks.2.attn.hook_result", "blocks.2.hook_resid_post"]
         toks = tokens(2, 8, seed=30)
@@ -209,7 +216,7 @@ def test_inductor_editing_hook_and_opt_in(gpt2_inductor):
     assert rel_err(logits, want_logits) <= COMPILED_RTOL
     assert_cache_close(cache, want)
     assert cache["blocks.0.attn.hook_result"].shape == (2, 8, model.cfg.n_heads, model.cfg.d_model)
-    assert model.compile_stats()["compilations"] == before + 2
+    assert model.compile_stats()["compilations"] == before + 6
 
 
 def test_inductor_gqa_rotary():
@@ -228,6 +235,11 @@ def gpt2_dynamo():
     return fresh("gpt2").compile(backend="eager")
 
 
+@pytest.fixture
+def gpt2_traced():
+    return fresh("gpt2").compile(backend="eager", hooks="traced")
+
+
 def test_recompiles_counted(gpt2_dynamo):
     model = gpt2_dynamo
     with torch.no_grad():
@@ -244,14 +256,18 @@ def test_recompiles_counted(gpt2_dynamo):
         model(tokens(2, 7))
         model.run_with_cache(tokens(3, 5), names_filter=lambda n: n.endswith("hook_z"))
         assert model.compile_stats()["compilations"] == n
-        # a fresh lambda with the same code is the same guard: no recompile
+        # a hooked site: the variant runs in segments (embedding, the one block all
+        # three blocks share, unembedding), each compiled once; fresh lambdas compile nothing
         for scale in range(3):
-            model.run_with_hooks(tokens(2, 7), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * 2)])
-        assert model.compile_stats()["compilations"] == n + 1
+            model.run_with_hooks(tokens(2, 7), fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * scale)])
+        assert model.compile_stats()["segments"] == 3
+        assert model.compile_stats()["compilations"] == n + 3
 
 
-def test_untraceable_hook_falls_back_once(gpt2_dynamo):
-    model = gpt2_dynamo
+def test_untraceable_hook_falls_back_once(gpt2_traced):
+    # hooks="traced" only: with hooks="python" (the default) hooks run in Python
+    # and nothing is traced through them (test_sweep_of_new_hook_functions_compiles_once)
+    model = gpt2_traced
     seen = []
 
     def noisy(x, hook):
@@ -284,3 +300,110 @@ def test_compile_at_load_and_uncompile():
     model = fresh("opt", compile=True)
     assert model.is_compiled and model.compile_stats()["variants"] == 0
     assert not model.uncompile().is_compiled and model.compile_stats() == {}
+
+
+# --- sweeps: hooks run as Python between compiled segments (issue 16) ----------------
+# Dynamo-level counts with the "eager" backend (the same guards as inductor, no
+# codegen). Tolerance: COMPILED_RTOL (see the module docstring); here the only
+# numeric difference from the eager model is the fused attention (sdpa's
+# blockwise softmax, ~1e-6 of a tensor's size).
+def _patch(x, hook, pos, clean_act):
+    x[:, pos] = clean_act[:, pos]
+    return x
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep():
+    """The tiny gpt2 (3 layers; a private instrumentation of the shared capture),
+    compiled with hooks="python"; the corrupted input, the patched site, the clean
+    run's activation there and the eager patching results."""
+    model = fxlens.from_pretrained_no_processing(captured("gpt2"))
+    clean, corrupt = tokens(2, 6, seed=1), tokens(2, 6, seed=2)
+    site = "blocks.1.hook_resid_pre"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=site)
+        act = cache[site]
+        want = [model.run_with_hooks(corrupt, fwd_hooks=[(site, functools.partial(_patch, pos=p, clean_act=act))])
+                for p in range(6)]
+    return model.compile(backend="eager"), corrupt, site, act, want
+
+
+def test_sweep_of_new_hook_functions_compiles_once(tiny_sweep):
+    model, corrupt, site, act, want = tiny_sweep
+    seen = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")            # no fallback: nothing is traced through a hook
+        for p in range(6):                        # a new partial per position
+            got = model.run_with_hooks(corrupt, fwd_hooks=[(site, functools.partial(_patch, pos=p, clean_act=act))])
+            assert rel_err(got, want[p]) <= COMPILED_RTOL, p
+            if p == 0:
+                first = model.compile_stats()
+        for p in range(6):                        # lambdas in a loop; one calls .item() and prints
+            hook = (lambda x, hook, p=p: _patch(x, hook, p, act)) if p % 2 else \
+                (lambda x, hook, p=p: (seen.append(x[0, p, 0].item()), _patch(x, hook, p, act))[1])
+            assert rel_err(model.run_with_hooks(corrupt, fwd_hooks=[(site, hook)]), want[p]) <= COMPILED_RTOL
+    stats = model.compile_stats()
+    assert first["compilations"] >= 1 and first["variants"] == 1
+    # 12 distinct hook functions, 1 variant: nothing compiled after the first call
+    assert (stats["compilations"], stats["variants"], stats["fallbacks"]) == (first["compilations"], 1, 0)
+    assert len(seen) == 3
+
+
+def test_only_a_new_site_set_adds_a_variant(tiny_sweep):
+    model, corrupt, site, act, want = tiny_sweep
+    runner = model._compiled
+    with torch.no_grad():
+        model.run_with_hooks(corrupt, fwd_hooks=[(site, functools.partial(_patch, pos=0, clean_act=act))])
+        base = model.compile_stats()
+        # another residual site: one more variant; its cuts fall on block boundaries,
+        # where the segments already end, so every segment is reused
+        model.run_with_hooks(corrupt, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x * 0.5)])
+        s = model.compile_stats()
+        assert (s["variants"], s["compilations"]) == (base["variants"] + 1, base["compilations"])
+        # a site inside a block cuts it: new segments (block 1 before and after z), once
+        heads = [(lambda z, hook, h=h: z.index_fill(2, torch.tensor([h]), 0.0)) for h in range(model.cfg.n_heads)]
+        outs = []
+        for h, fn in enumerate(heads):
+            outs.append(model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_z", fn)]))
+            if h == 0:
+                after_z = model.compile_stats()
+        assert after_z["variants"] == base["variants"] + 2 and after_z["compilations"] > s["compilations"]
+        assert model.compile_stats()["compilations"] == after_z["compilations"]   # 3 more heads: none
+        wants = eager(model, lambda: [model.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.attn.hook_z", fn)])
+                                      for fn in heads])
+        assert all(rel_err(g, w) <= COMPILED_RTOL for g, w in zip(outs, wants))
+        assert not torch.allclose(outs[0], outs[1])          # each head's ablation differs
+        # back to the first site set, now with run_with_cache: a new predicate that
+        # selects the same names is the same variant
+        double = [(site, lambda x, hook: x * 2)]
+        with model.hooks(fwd_hooks=double):
+            for names_filter in (lambda n: n.endswith("hook_resid_post"), lambda name: "resid_post" in name,
+                                 [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]):
+                _, cache = model.run_with_cache(corrupt, names_filter=names_filter)
+        end = model.compile_stats()
+    assert end["variants"] == after_z["variants"] + 1
+    # resid_post values are segment outputs already: caching them compiles nothing new
+    assert end["compilations"] == after_z["compilations"] and end["fallbacks"] == 0
+    assert all(seg.compilations == 1 for seg in runner.segments.values())   # each segment once
+
+    def eager_cache():
+        with model.hooks(fwd_hooks=double):
+            return model.run_with_cache(corrupt, names_filter=lambda n: n.endswith("hook_resid_post"))[1]
+
+    assert_cache_close(cache, eager(model, eager_cache))
+
+
+def test_traced_hooks_recompile_per_function(tiny_sweep):
+    # the contrast (and the mode kept for fixed hook sets): hooks traced into one
+    # graph make dynamo guard on each function and the values it closes over
+    model, corrupt, site, act, want = tiny_sweep
+    runner = model._compiled
+    try:
+        model.compile(backend="eager", hooks="traced")
+        with torch.no_grad():
+            for p in range(2):
+                got = model.run_with_hooks(corrupt, fwd_hooks=[(site, functools.partial(_patch, pos=p, clean_act=act))])
+                assert rel_err(got, want[p]) <= COMPILED_RTOL
+        assert model.compile_stats()["compilations"] == 2 and model.compile_stats()["variants"] == 1
+    finally:
+        model._compiled = runner
