@@ -50,6 +50,20 @@ def oracle_hooks(arch: str, mode: str = "raw") -> dict:
     return json.loads((DATA / "ref" / arch / "hooks.json").read_text())["modes"][mode]
 
 
+@functools.lru_cache(maxsize=None)
+def smollm2_pair():
+    """(fxlens model, HF model) of the real SmolLM2-135M-Instruct, loaded once per test run
+    (the GGUF load and capture are the suite's slowest setup); tests must leave it unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fxlens.checkpoints import smollm2
+
+    folder, gguf = smollm2()
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return fxlens.from_pretrained_no_processing(hf, tokenizer=tok), hf
+
+
 @pytest.fixture(params=ORACLE_ARCHS)
 def arch(request):
     return request.param

@@ -13,10 +13,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import captured, hf_model, oracle_model
+from conftest import captured, hf_model, oracle_model, smollm2_pair
 
 import fxlens
-from fxlens.checkpoints import smollm2
 from fxlens.errors import ContextLengthError, FxlensError
 from fxlens.generate import KVCacheWarning, sample_logits
 
@@ -32,12 +31,7 @@ def greedy(model, input, n: int, **kw):
 
 @pytest.fixture(scope="module")
 def smol():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf = smollm2()
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    return fxlens.from_pretrained_no_processing(hf, tokenizer=tok), hf
+    return smollm2_pair()
 
 
 # --- equality with HF ---------------------------------------------------------------

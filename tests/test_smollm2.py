@@ -3,23 +3,12 @@
 import pytest
 import torch
 
-from fxlens.checkpoints import smollm2
+from conftest import smollm2_pair
 
 
 @pytest.fixture(scope="module")
 def smol():
-    from transformers import AutoModelForCausalLM
-
-    import fxlens
-
-    folder, gguf = smollm2()
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()
-    return fxlens.from_pretrained_no_processing(hf, tokenizer=_tokenizer(folder, gguf)), hf
-
-
-def _tokenizer(folder, gguf):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    return smollm2_pair()
 
 
 def test_logits_equal_hf_and_paris_comes_next(smol):
