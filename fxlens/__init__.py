@@ -10,8 +10,9 @@ from .cache import ActivationCache
 from .capture import Captured, capture, checkpoint_kind
 from .config import make_config
 from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
-from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, PassError,
-                     HarvestError, ProcessingError, SelfCheckError, UnknownHookError, UnmappableModelError)
+from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, InputError, PassError,
+                     HarvestError, NotApplicableError, ProcessingError, SelfCheckError, UnknownHookError,
+                     UnmappableModelError)
 from .harvesting import harvest
 from .model import HookedModel
 from .names import act_name
@@ -21,7 +22,8 @@ from .pipeline import Context, run_pipeline
 __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_processing", "HookedModel", "ActivationCache",
            "encoder_from_pretrained_no_processing", "capture_encoder", "EncoderCaptured", "HookedEncoder",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
-           "HookReturnError", "ContextLengthError", "HarvestError", "harvest", "SelfCheckError", "ProcessingError", "PassError"]
+           "HookReturnError", "ContextLengthError", "HarvestError", "harvest", "SelfCheckError", "ProcessingError", "PassError",
+           "InputError", "NotApplicableError"]
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
@@ -102,6 +104,7 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
                         pass_results=ctx.results)
     model.hf_config = hf.config
     model.capture_info = cap.info
+    model._processing_flags = flags      # process_weights_ updates them; per-length graphs follow
     if cap.info is not None and not cap.placed:
         model._graph_at = lambda batch, seq: _graph_at(cap, flags, self_check, model, batch, seq)
     return model if cap.placed else model.to(device)

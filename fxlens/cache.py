@@ -56,6 +56,9 @@ class ActivationCache:
     # --- a dict of activations ----------------------------------------------------------
     def _key(self, key) -> str:
         if isinstance(key, tuple):
+            # a negative layer counts from the end, as TransformerLens: ("resid_pre", -1)
+            if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+                key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
             return act_name(*key)
         return act_name(key) if isinstance(key, str) else key
 

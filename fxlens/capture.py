@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from safetensors import SafetensorError
+
 from . import _compat
 from .errors import CaptureError
 
@@ -160,6 +162,8 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, attn_implementation="eager", dtype=dtype, **hf_kwargs)
+        except SafetensorError as exc:
+            raise corrupt_weights_error(source, exc) from exc
         except (OSError, ValueError) as exc:
             raise CaptureError(
                 f"cannot load {source!r} as a causal LM: {exc}. Pass a checkpoint folder, a hub id "
@@ -173,6 +177,26 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
     model.eval()
     _compat.set_eager_attention(model)
     return model, tokenizer, name
+
+
+def corrupt_weights_error(source: str, exc: Exception) -> CaptureError:
+    """The error for a weights file safetensors cannot read, naming the file:
+    each *.safetensors in the checkpoint folder is opened to find which."""
+    from safetensors import safe_open
+
+    bad = []
+    if os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(source, name), "pt"):
+                        pass
+                except Exception:   # any failure to open is what we report
+                    bad.append(name)
+    what = ", ".join(bad) if bad else "a .safetensors weights file"
+    return CaptureError(
+        f"cannot load {source!r}: {what} is corrupt or truncated ({_first_line(exc)}). Download the "
+        f"checkpoint again, or re-save it from a working copy with model.save_pretrained(...)")
 
 
 def load_tokenizer(tok_source: str, hf_kwargs: dict):

@@ -40,12 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch import nn
+from safetensors import SafetensorError
 
 from . import _compat
 from .analysis import (BlockSpec, ModelSpec, _find_blocks, _Graph, _module_output, _nodes_in,
                        _norm_of, _norm_paths, _Sites, analyse_attention, analyse_mlp, block_input,
                        residual_layout)
-from .capture import Captured, load_model, n_ctx_of, own_tensors
+from .capture import Captured, corrupt_weights_error, load_model, n_ctx_of, own_tensors
 from .config import make_config
 from .errors import CaptureError, SelfCheckError, UnmappableModelError
 from .graph import ancestors, is_layout, linear_parts, module_paths, output_node, same_size, shape, walk_back
@@ -146,6 +147,8 @@ def load_encoder(source, dtype=torch.float32, **hf_kwargs):
         try:
             cls = _hf_class(source, hf_kwargs)
             model = cls.from_pretrained(source, attn_implementation="eager", dtype=dtype, **hf_kwargs)
+        except SafetensorError as exc:
+            raise corrupt_weights_error(source, exc) from exc
         except (OSError, ValueError) as exc:
             raise CaptureError(
                 f"cannot load {source!r} as an encoder: {exc}. Pass a checkpoint folder, a hub id "

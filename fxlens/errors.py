@@ -62,3 +62,13 @@ class HarvestError(FxlensError):
 
 class WeightEditError(FxlensError):
     """An edit of a weight view cannot be written back to the model's parameters exactly."""
+
+
+class InputError(FxlensError, ValueError):
+    """Input a model call cannot take: token ids of the wrong shape, an empty
+    batch, a names_filter that matches no hook."""
+
+
+class NotApplicableError(FxlensError, NotImplementedError):
+    """A TransformerLens method that has no meaning on a captured graph; the
+    message says why and what to use instead."""

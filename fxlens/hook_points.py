@@ -168,6 +168,10 @@ class HookPoint(nn.Module):
         self.layout = layout
         self.fwd_hooks: list = []   # [(fn, permanent)]
         self.bwd_hooks: list = []   # [(fn, permanent)]: fn(grad, hook) -> tensor | None
+        self.ctx: dict = {}         # scratch space for hooks (TransformerLens's hook.ctx)
+
+    def clear_context(self) -> None:
+        self.ctx = {}
 
     def layer(self) -> int | None:
         parts = self.name.split(".")

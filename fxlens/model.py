@@ -9,17 +9,18 @@ import torch
 from torch import nn
 
 from .cache import ActivationCache
-from .errors import ContextLengthError, FxlensError, UnknownHookError
+from .errors import ContextLengthError, FxlensError, InputError, NotApplicableError, UnknownHookError
 from .analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
 from .generate import GenerateMixin
 from .hook_points import HookPoint
 from .names import canonical_order, is_opt_in
+from .tl_surface import TransformerLensMixin, slice_positions
 from .weights import WeightsMixin
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
-class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
+class HookedModel(TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
     """An HF model captured as a graph with TransformerLens hook points.
 
     Built by `fxlens.from_pretrained_no_processing(...)`; see DESIGN.md for the
@@ -85,26 +86,30 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         gradient of whatever is backpropagated with respect to the site's activation
         (TransformerLens layout); a returned tensor replaces it."""
         for hp in self._resolve(name):
+            self.check_hooks_to_add(hp, hp.name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
             hooks = _hook_list(hp, dir)
             entry = (hook, is_permanent)
             hooks.insert(0, entry) if prepend else hooks.append(entry)
 
-    def reset_hooks(self, including_permanent: bool = False, direction: str = "both") -> None:
-        dirs = ("fwd", "bwd") if direction == "both" else (direction,)
-        for hp in self.hook_dict.values():
-            for d in dirs:
-                hooks = _hook_list(hp, d)
-                hooks[:] = [] if including_permanent else [h for h in hooks if h[1]]
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        """TransformerLens's reset_hooks: removes the hooks (permanent ones too with
+        `including_permanent`) and, with `clear_contexts`, each hook point's ctx."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+        self.is_caching = False
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
         """`with model.hooks(fwd_hooks=[(name, fn)], bwd_hooks=[(name, fn)]):` -- hooks
-        live for the block only."""
+        live for the block only (and, with `clear_contexts`, so does each hook.ctx)."""
         added: list[tuple[list, tuple]] = []
         try:
             for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
                 for name, fn in pairs:
                     for hp in self._resolve(name):
+                        self.check_hooks_to_add(hp, hp.name, fn, dir=dir)
                         entry = (fn, False)
                         _hook_list(hp, dir).append(entry)
                         added.append((_hook_list(hp, dir), entry))
@@ -114,6 +119,8 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
                 for hooks, entry in added:
                     with contextlib.suppress(ValueError):
                         hooks.remove(entry)
+                if clear_contexts:
+                    self.clear_contexts()
 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
@@ -302,7 +309,8 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **model_kwargs):
-        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end):
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end,
+                        clear_contexts=clear_contexts):
             return self(*model_args, **model_kwargs)
 
     def _names(self, names_filter: NamesFilter) -> list[str]:
@@ -312,18 +320,32 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
             self._hook_point(names_filter)
             return [names_filter]
         if callable(names_filter):
-            return [n for n in self.hook_names if names_filter(n)]
+            names = [n for n in self.hook_names if names_filter(n)]
+            if not names:
+                raise InputError(
+                    f"names_filter matched none of this model's {len(self.hook_names)} hook names "
+                    f"({self.hook_names[0]}, ..., {self.hook_names[-1]}); `model.hook_names` lists "
+                    f"them (opt-in sites such as attn.hook_result are made when named in a list)")
+            return names
         names = list(names_filter)
+        if not names:
+            raise InputError("names_filter is an empty list, so nothing would be cached; name hooks "
+                             "(`model.hook_names` lists them) or pass names_filter=None for all")
         for n in names:
             self._hook_point(n)
         return [n for n in self.hook_names if n in set(names)]
 
     def run_with_cache(self, *model_args, names_filter: NamesFilter = None, device=None,
                        remove_batch_dim: bool = False, return_cache_object: bool = True,
-                       incl_bwd: bool = False, **model_kwargs):
+                       incl_bwd: bool = False, pos_slice=None, reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **model_kwargs):
         """TransformerLens's run_with_cache. `incl_bwd=True` runs with gradients, calls
         `backward()` on the output (which must be a scalar: `return_type="loss"`) and adds
-        `<name>_grad`, the gradient with respect to each cached site."""
+        `<name>_grad`, the gradient with respect to each cached site. `pos_slice` keeps
+        those positions of each activation (TransformerLens's position dim per site)."""
+        if not reset_hooks_end:
+            raise NotApplicableError("run_with_cache(reset_hooks_end=False): fxlens's cache hooks live "
+                                     "for the call; to keep caching on the model use add_caching_hooks")
         names = self._names(names_filter)
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise FxlensError(f"run_with_cache(device={device!r}): this machine has no CUDA device; "
@@ -334,8 +356,10 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
             with torch.no_grad():
                 out, store = self._forward(*model_args, cache_names=names, **model_kwargs)
         order = [k for n in self.hook_names for k in (n, n + "_grad")]
-        ordered = {k: (store[k].to(device) if device is not None else store[k])
+        ordered = {k: slice_positions(k, store[k].to(device) if device is not None else store[k], pos_slice)
                    for k in order if k in store}
+        if clear_contexts:
+            self.clear_contexts()
         cache = ActivationCache(ordered, self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
@@ -368,17 +392,25 @@ class HookedModel(AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
         if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         elif isinstance(input, torch.Tensor):
+            if input.dim() not in (1, 2):
+                raise InputError(
+                    f"token ids have shape {tuple(input.shape)}; fxlens takes [batch, pos] (or [pos]). "
+                    f"Run several batches one by one, or flatten them: tokens.reshape(-1, tokens.shape[-1])")
             tokens = input if input.dim() == 2 else input.unsqueeze(0)
         else:
             raise TypeError(f"input must be text, a list of texts or a token tensor, not {type(input).__name__}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise InputError(f"token ids have shape {tuple(tokens.shape)}: a batch of no rows; "
+                             f"pass at least one row [1, pos]")
         if tokens.shape[-1] > self.cfg.n_ctx:
             raise ContextLengthError(
                 f"input has {tokens.shape[-1]} tokens; {self.cfg.model_name or 'the model'} has a "
                 f"context of n_ctx={self.cfg.n_ctx}. Truncate the input (to_tokens(..., truncate=True)).")
         if tokens.shape[-1] == 0:
-            raise ValueError("input has no tokens")
+            raise InputError(f"input has no tokens (shape {tuple(tokens.shape)}); pass at least one "
+                             f"token per row, e.g. the BOS token")
         if (tokens.min() < 0) or (tokens.max() >= self.cfg.d_vocab):
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")

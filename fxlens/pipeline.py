@@ -5,6 +5,9 @@
                 (each only when its flag is on; TransformerLens's order)
     BACK        insert_hooks
 
+`reprocess` runs PROCESSING passes on an already instrumented graph
+(HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
+
 After each pass the loop lints the graph and calls `on_pass(name, gm, result)`
 (where per-pass dumps come from).
 """
@@ -19,7 +22,7 @@ from fxlens.analysis import ModelSpec, analyse
 from fxlens.errors import FxlensError, PassError
 from fxlens.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
-                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices)
+                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks)
 from fxlens.passes_base import PassResult
 from fxlens.weights import column_maps
 
@@ -32,6 +35,7 @@ class Context:
     spec: ModelSpec | None = None
     log: ProcessingLog = field(default_factory=ProcessingLog)
     results: list = field(default_factory=list)
+    fold_ln_center: bool = True     # fold_ln centres LayerNorm readers (TransformerLens's center_weights)
 
     def maps(self, gm):
         return column_maps(gm, self.spec)
@@ -49,7 +53,7 @@ FRONT = (
     ("discover_sites", discover_sites),
 )
 PROCESSING = (
-    ("fold_ln", lambda gm, ctx: fold_ln(gm, ctx.spec, ctx.log)),
+    ("fold_ln", lambda gm, ctx: fold_ln(gm, ctx.spec, ctx.log, center=ctx.fold_ln_center)),
     ("center_writing_weights", lambda gm, ctx: center_writing_weights(gm, ctx.spec, ctx.log)),
     ("center_unembed", lambda gm, ctx: center_unembed(gm, ctx.spec, ctx.log)),
     ("fold_value_biases", lambda gm, ctx: fold_value_biases(gm, ctx.spec, ctx.log, ctx.maps(gm))),
@@ -84,3 +88,15 @@ def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None) 
     for flag in ctx.flags:
         ctx.log.applied.setdefault(flag, False)
     return gm
+
+
+def reprocess(gm: fx.GraphModule, spec: ModelSpec, log: ProcessingLog, flags: dict,
+              center_ln: bool = True) -> list:
+    """Weight processing on a graph that already has its hooks: the hook nodes
+    come out (their site annotations stay), the PROCESSING passes named in
+    `flags` run in TransformerLens's order, and insert_hooks puts the same sites
+    back (as new HookPoints: callers re-attach their own). Returns the results."""
+    ctx = Context(None, None, flags=dict(flags), spec=spec, log=log, fold_ln_center=center_ln)
+    strip = (("remove_hooks", lambda gm, ctx: remove_hooks(gm)),)
+    run_pipeline(gm, ctx, strip + tuple(p for p in PROCESSING if flags.get(p[0])) + BACK)
+    return ctx.results

@@ -10,11 +10,11 @@ from .expose_norms import expose_norms
 from .fold_ln import fold_ln
 from .fold_value_biases import fold_value_biases
 from .fuse_attention import fuse_attention
-from .insert_hooks import insert_hooks
+from .insert_hooks import insert_hooks, remove_hooks
 from .opt_in import materialise_opt_in
 from .refactor_attn import refactor_factored_attn_matrices
 from .specialise import specialise
 
-__all__ = ["expose_norms", "insert_hooks", "materialise_opt_in", "fold_ln", "center_writing_weights",
+__all__ = ["expose_norms", "insert_hooks", "remove_hooks", "materialise_opt_in", "fold_ln", "center_writing_weights",
            "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices", "fuse_attention",
            "specialise"]

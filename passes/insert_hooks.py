@@ -84,3 +84,28 @@ def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult
 
 def _last_placeholder(graph: fx.Graph) -> fx.Node:
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+
+def remove_hooks(gm: fx.GraphModule) -> PassResult:
+    """The inverse of insert_hooks, for passes that must see the bare graph again.
+
+    Matches  every HookPoint node (`meta["fxlens.site"]`).
+    Rewrites x -> hook(name) -> users   becomes   x -> users
+             (the site annotations `meta["fxlens.sites"]` stay on their nodes, so
+             insert_hooks puts the same sites back; the HookPoint modules stay in
+             the container until insert_hooks replaces them).
+    Invariant: no HookPoint node remains.
+    """
+    graph = gm.graph
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "call_module" and "fxlens.site" in node.meta:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    left = [n.name for n in graph.nodes if n.op == "call_module" and "fxlens.site" in n.meta]
+    if left:
+        raise PassError("remove_hooks", f"hook nodes remain: {left[:3]}")
+    graph.lint()
+    gm.recompile()
+    return PassResult("remove_hooks", matched=removed)

@@ -77,3 +77,31 @@ def test_unmappable_model_names_what_is_missing():
 class _NoMLP(torch.nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)
+
+
+def test_corrupt_weights_file_names_the_file(tmp_path):
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(DATA / "models" / "gpt2", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])   # a cut-off download
+    with pytest.raises(fxlens.CaptureError, match=r"model\.safetensors is corrupt or truncated.*Download"):
+        fxlens.from_pretrained_no_processing(folder)
+
+
+def test_token_tensors_of_the_wrong_shape(gpt2):
+    with pytest.raises(fxlens.InputError, match=r"shape \(2, 3, 4\); fxlens takes \[batch, pos\].*reshape"):
+        gpt2(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(fxlens.InputError, match=r"\(0, 5\): a batch of no rows"):
+        gpt2.run_with_cache(torch.ones(0, 5, dtype=torch.long))
+    with pytest.raises(fxlens.InputError, match="no tokens"):
+        gpt2(torch.ones(1, 0, dtype=torch.long))
+
+
+def test_names_filter_matching_nothing_says_so(gpt2):
+    tokens = torch.tensor([[1, 20, 30]])
+    with pytest.raises(fxlens.InputError, match=r"names_filter matched none of this model's \d+ hook names"):
+        gpt2.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_psot"))
+    with pytest.raises(fxlens.InputError, match="empty list"):
+        gpt2.run_with_cache(tokens, names_filter=[])
