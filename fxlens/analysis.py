@@ -37,6 +37,7 @@ from .graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_sca
                     topo_index, val, walk_back)
 from .hook_points import Layout
 from .names import block_name
+from .trace import CASTS
 
 aten = torch.ops.aten
 
@@ -86,6 +87,7 @@ class ModelSpec:
     unembed: fx.Node | None
     sites: dict                 # name -> node (before hooks are inserted)
     notes: list = field(default_factory=list)
+    embed_out: fx.Node | None = None   # hook_embed: the embedding after any scale (Gemma's sqrt(d_model))
 
     @property
     def n_layers(self) -> int:
@@ -260,6 +262,21 @@ def _to_residual_add(start: fx.Node, block_nodes: set, norms: dict, nodes_of) ->
         return cur, post
 
 
+def embedding_output(embed: fx.Node, resid_pre: fx.Node) -> fx.Node:
+    """The token embedding as it enters the residual stream (TransformerLens's
+    hook_embed, whose W_E folds the scale in): followed through casts and a scalar
+    scale such as Gemma's `* sqrt(d_model)`, never past an add (positions)."""
+    cur = embed
+    while cur is not resid_pre and len(cur.users) == 1:
+        u = next(iter(cur.users))
+        s, su = shape(cur), shape(u)
+        if not (is_scalar_scale(u) or u.target in CASTS) or su is None or len(su) != len(s) \
+                or not all(same_size(a, b) for a, b in zip(s, su)):
+            break
+        cur = u
+    return cur
+
+
 def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
             get_output_embeddings_path: str | None) -> ModelSpec:
     g = _Graph(gm)
@@ -289,8 +306,9 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     if embed is None:
         raise _fail("embeddings", f"{len(embeddings)} embedding node(s)",
                     f"the token embedding {get_input_embeddings_path!r}")
-    sites.add("hook_embed", embed)
     first_in = blocks[0].resid_pre
+    embed_out = embedding_output(embed, first_in)
+    sites.add("hook_embed", embed_out)
     for n in embeddings:
         if n is embed or n not in ancestors(first_in):
             continue
@@ -324,7 +342,7 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     sites.commit(graph)
     spec = ModelSpec(blocks=blocks, d_model=int(d_model), d_vocab=int(d_vocab),
                      norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=ln_final,
-                     embed=embed, pos_embed=pos_embed, unembed=unembed,
+                     embed=embed, embed_out=embed_out, pos_embed=pos_embed, unembed=unembed,
                      sites={k: v[0] for k, v in sites.found.items()})
     return spec
 
@@ -442,6 +460,25 @@ def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: d
             lay = Layout(lay.kind, want, d_head, group=lay.heads // want)
         sites.add(name(f"attn.hook_rot_{role}"), rot, lay)
         rotary = True
+
+    # q/k norms inside the attention (Qwen3, Gemma 3 per head; OLMo 2 over [b, s, h*d])
+    for path, norm in norms.items():
+        if not path.startswith(attn + "."):
+            continue
+        on = {role: norm["normalized"] in anc[role] for role in "qk"}
+        if on["q"] == on["k"]:
+            continue
+        role = "q" if on["q"] else "k"
+        per_head = g.head_layout(norm["normalized"], d_head)
+        if per_head is not None and per_head.kind in ("same", "bhsd"):
+            # TransformerLens normalises the [b*s*h, d_head] rows
+            lay = Layout("rows" if per_head.kind == "same" else "bhsd_rows")
+        elif g.is_resid(norm["normalized"], shape(norm["normalized"])[-1]):
+            lay = Layout()
+        else:
+            continue
+        sites.add(name(f"attn.{role}_norm.hook_scale"), norm["scale"], lay)
+        sites.add(name(f"attn.{role}_norm.hook_normalized"), norm["normalized"], lay)
 
     # --- output projection, attn_out ---------------------------------------------
     o_proj = _nearest(z_mm, aset, lambda n: linear_parts(n) is not None, back=False)

@@ -31,7 +31,9 @@ class Layout:
     <-> [b, s, h, d]) | "scores" (additive mask -> -inf, like TransformerLens) |
     "batch" ([1, s, d] broadcast over the batch, for position embeddings) |
     "tokens" ([b*s, d] <-> [b, s, d], where a model flattens batch and pos) |
-    "squeeze3" ([b, s, h, 1, d] <-> [b, s, h, d], Falcon's grouped k/v).
+    "squeeze3" ([b, s, h, 1, d] <-> [b, s, h, d], Falcon's grouped k/v) |
+    "rows" ([b, s, h, d] <-> [b*s*h, d]: a per-head q/k norm, which TransformerLens
+    applies to the flattened rows) | "bhsd_rows" (the same from [b, h, s, d]).
     """
 
     kind: str = "same"
@@ -65,6 +67,10 @@ class Layout:
             return x.masked_fill(x <= torch.finfo(x.dtype).min / 2, float("-inf"))
         if self.kind == "tokens":
             return x.unflatten(0, (batch, -1))
+        if self.kind == "rows":
+            return x.flatten(0, -2)
+        if self.kind == "bhsd_rows":
+            return x.transpose(1, 2).flatten(0, -2)
         if self.kind == "batch" and batch is not None and x.shape[0] != batch:
             return x.expand(batch, *x.shape[1:])
         return x
@@ -78,6 +84,11 @@ class Layout:
             return y.flatten(0, 1)
         if self.kind == "squeeze3":
             return y.unsqueeze(3)
+        if self.kind == "rows":
+            return y.reshape(like.shape)
+        if self.kind == "bhsd_rows":
+            b, h, s, d = like.shape
+            return y.reshape(b, s, h, d).transpose(1, 2)
         return y
 
 

@@ -61,6 +61,40 @@ def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Ten
     return {s: value(s).round().long() for s in sinks}
 
 
+def apply_chain(gm: fx.GraphModule, start: fx.Node, end: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """Run the chain start -> ... -> end on `x` in place of start's value; each
+    chain node reads the one before it plus values computed from parameters and
+    constants only (Gemma's `torch.tensor(sqrt(d_model))`)."""
+    on_chain, cur = {end}, end
+    while cur is not start:
+        cur = next(a for a in cur.all_input_nodes if a is start or start in _inputs_closure(a))
+        on_chain.add(cur)
+    env = {start: x}
+
+    def value(a):
+        if not isinstance(a, fx.Node):
+            return a
+        if a not in env:
+            if a.op == "get_attr":
+                env[a] = functools.reduce(getattr, a.target.split("."), gm)   # a parameter or constant
+            else:
+                args = torch.utils._pytree.tree_map(value, a.args)
+                kwargs = torch.utils._pytree.tree_map(value, a.kwargs)
+                env[a] = a.target(*args, **kwargs)
+        return env[a]
+    return value(end)
+
+
+def _inputs_closure(node: fx.Node) -> set:
+    out, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in out:
+                out.add(a)
+                todo.append(a)
+    return out
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm, node):
         super().__init__(gm)

@@ -19,7 +19,7 @@ import torch
 from .graph import linear_parts, walk_back, is_layout
 from .editable import read_only, read_param, stack
 from .params import Linear, get_tensor
-from .trace import trace_indices
+from .trace import apply_chain, trace_indices
 
 
 @dataclass
@@ -326,7 +326,14 @@ class WeightsMixin:
     # W_E, W_U and existing biases are views of the stored tensors (no copy)
     @property
     def W_E(self) -> torch.Tensor:
-        return get_tensor(self.graph_module, self.spec.embed.args[0].target).detach()
+        w = get_tensor(self.graph_module, self.spec.embed.args[0].target).detach()
+        out = self.spec.embed_out
+        if out is None or out is self.spec.embed:
+            return w
+        # TransformerLens folds the embedding's scale (Gemma's sqrt(d_model)) into W_E
+        return read_only(apply_chain(self.graph_module, self.spec.embed, out, w), "W_E",
+                         "W_E includes the scale the model applies to its embedding, so it is stored "
+                         "nowhere; edit the embedding parameter of the HF model, or hook hook_embed")
 
     @property
     def W_U(self) -> torch.Tensor:

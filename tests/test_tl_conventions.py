@@ -29,20 +29,14 @@ ARCHS = sorted(p.parent.name for p in REF.glob("*/hooks.json"))
 # TL hooks fxlens does not yet give TL's tensor for (blocks.L. = every layer), per arch;
 # a "processed:" prefix limits an entry to that mode. The test asserts the failing set is
 # exactly this, so a fix (or a regression) fails until the table says so.
-_QK_NORM = {f"blocks.L.attn.{qk}_norm.{site}": "q/k norm sites not found yet"
-            for qk in "qk" for site in ("hook_scale", "hook_normalized")}
 _SHARED_LN2 = {f"blocks.L.ln2.{site}": "a parallel block's shared norm is not exposed as ln2 yet"
                for site in ("hook_scale", "hook_normalized")}
 _EXPERTS = {f"blocks.L.mlp.experts.{e}.{site}": "per-expert MoE sites not found yet"
             for e in range(4) for site in ("hook_pre", "hook_gate", "hook_post")}
 KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "gemma": {"hook_embed": "taken before the sqrt(d_model) scale"},
-    "gemma2": {"hook_embed": "taken before the sqrt(d_model) scale"},
-    "gemma3": {"hook_embed": "taken before the sqrt(d_model) scale", **_QK_NORM},
     "gptj": _SHARED_LN2,
     "phi": _SHARED_LN2,
-    "qwen3": _QK_NORM,
-    "olmo2": {**_QK_NORM, **{f"blocks.L.{ln}.{site}": "post-norms named ln1_post/ln2_post"
+    "olmo2": {**{f"blocks.L.{ln}.{site}": "post-norms named ln1_post/ln2_post"
                              for ln in ("ln1", "ln2") for site in ("hook_scale", "hook_normalized")},
               "processed:unembed.hook_in": "ln_final folded where TL keeps post-norm models unfolded"},
     "mixtral": {**_EXPERTS, "blocks.L.mlp.hook_expert_weights": "router sites not found yet",
@@ -114,3 +108,33 @@ def test_logits_match_transformerlens(arch, mode):
     tokens = _ref(arch, "tokens")["tokens"]
     want = _ref(arch, f"{mode}_logits")["logits"]
     assert rel_err(_model(arch, mode)(tokens), want) <= RTOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w_e_is_the_embedding_as_it_enters_the_residual_stream(arch):
+    """TransformerLens folds an embedding scale (Gemma's sqrt(d_model)) into W_E, so
+    W_E[tokens] is hook_embed."""
+    tokens = _ref(arch, "tokens")["tokens"]
+    want = _ref(arch, "raw")["hook_embed"]
+    assert rel_err(_model(arch, "raw").W_E[tokens], want) <= RTOL
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "olmo2"])
+def test_q_norm_hooks_edit_the_query(arch):
+    """attn.q_norm.hook_normalized is in TL's layout (rows of [b*s*h, d_head] per head,
+    or [b, s, h*d]) and writes back: returning it unchanged keeps the logits, zeroing it
+    makes every query 0, so each row of the pattern is uniform over its unmasked keys."""
+    model = _model(arch, "raw")
+    tokens = _ref(arch, "tokens")["tokens"]
+    name = "blocks.0.attn.q_norm.hook_normalized"
+    want = _ref(arch, "raw_logits")["logits"]
+    same = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x.clone())])
+    assert rel_err(same, want) <= RTOL
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_pattern"])
+    with model.hooks(fwd_hooks=[(name, lambda x, hook: torch.zeros_like(x))]):
+        _, zeroed = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_pattern"])
+    pattern = zeroed["blocks.0.attn.hook_pattern"]
+    n = tokens.shape[1]
+    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+    assert rel_err(pattern, uniform.expand_as(pattern)) <= RTOL
+    assert rel_err(cache["blocks.0.attn.hook_pattern"], uniform.expand_as(pattern)) > 0.1
