@@ -10,6 +10,7 @@ pos when an int `pos_slice` picks one position.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -86,9 +87,19 @@ class ActivationCache:
     def items(self):
         return self.cache_dict.items()
 
-    def to(self, device) -> "ActivationCache":
+    def to(self, device, move_model: bool = False) -> "ActivationCache":
+        """A cache with every activation on `device` (and the model too with
+        `move_model`, TransformerLens's deprecated option)."""
+        if move_model:
+            self.model.to(device)
         return ActivationCache({k: v.to(device) for k, v in self.cache_dict.items()},
                                self.model, self.has_batch_dim)
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """TransformerLens's global `torch.set_grad_enabled(mode)` (it changes torch's
+        global state; `with torch.no_grad():` does the same for a block)."""
+        warnings.warn(f"toggle_autodiff: torch's global grad mode is now {mode}", stacklevel=2)
+        torch.set_grad_enabled(mode)
 
     def remove_batch_dim(self) -> "ActivationCache":
         if not self.has_batch_dim:

@@ -3,13 +3,15 @@
 Writes tests/data/transformerlens_public_names.txt, which tests/test_tl_surface.py
 checks against HookedModel. Run once when the reference changes:
 
-    python scripts/tl_public_names.py [--reference FILE] [--base hook_points.py] [-o OUT]
+    python scripts/tl_public_names.py [--reference FILE] [--base hook_points.py]
+                                      [--cache ActivationCache.py] [-o OUT]
 
 `--reference`: the HookedTransformer source in ../shared/reference/ (a line-numbered
 coverage listing: one definition per `NNN def name(` line). `--base`: TransformerLens's
 transformer_lens/hook_points.py of the same release (v2.18.0's HookedTransformer
 matches the reference method for method); its HookedRootModule is read with `ast`.
-Without --base the names already in OUT for HookedRootModule are kept.
+`--cache`: its transformer_lens/ActivationCache.py (class ActivationCache). Without
+--base / --cache the names already in OUT for that class are kept.
 """
 
 from __future__ import annotations
@@ -61,15 +63,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", type=Path, default=REFERENCE)
     ap.add_argument("--base", type=Path, help="TransformerLens's transformer_lens/hook_points.py")
+    ap.add_argument("--cache", type=Path, help="TransformerLens's transformer_lens/ActivationCache.py")
     ap.add_argument("-o", "--out", type=Path, default=OUT)
     args = ap.parse_args()
+    kept = read_out(args.out)
     owners = {"HookedTransformer": reference_names(args.reference)}
-    base = class_names(args.base, "HookedRootModule") if args.base else \
-        read_out(args.out).get("HookedRootModule", [])
+    base = class_names(args.base, "HookedRootModule") if args.base else kept.get("HookedRootModule", [])
     owners["HookedRootModule"] = [n for n in base if n not in owners["HookedTransformer"]]
+    owners["ActivationCache"] = class_names(args.cache, "ActivationCache") if args.cache else \
+        kept.get("ActivationCache", [])
     lines = ["# TransformerLens's public methods and properties (scripts/tl_public_names.py):",
-             "# HookedTransformer from ../shared/reference/, HookedRootModule from its hook_points.py.",
-             "# One `owner name` per line."]
+             "# HookedTransformer from ../shared/reference/; HookedRootModule and ActivationCache from",
+             "# the same release's hook_points.py and ActivationCache.py (v2.18.0). One `owner name` per line."]
     lines += [f"{owner} {name}" for owner, names in owners.items() for name in names]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"{args.out}: {sum(map(len, owners.values()))} names")
