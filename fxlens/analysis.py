@@ -18,7 +18,8 @@ How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
   attn_out      the attention's output projection, followed through dropout and
                 any post-norm to the residual add; mlp_out likewise
   resid_mid     that add, when the MLP reads it (absent for parallel blocks)
-  ln1 / ln2     the norm feeding the attention / MLP projections
+  ln1 / ln2     the norm feeding the attention / MLP projections (a sublayer
+                with only a norm after it: that norm; else it is ln1_post / ln2_post)
   mlp pre/post  post = the output projection's input; pre = the nearest
                 projection output it is computed from; gated MLPs
                 (post = act(gate) * up) add pre_linear = up
@@ -588,7 +589,11 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     ln2 = next((nm for nm in (_norm_of(x, norms) for x in mlp.inputs) if nm), None)
     if ln2 == ln1:
         ln2 = None
-    for tag, norm in (("ln1", ln1), ("ln1_post", att.post_norm), ("ln2", ln2), ("ln2_post", mlp.post_norm)):
+    # a sublayer normalised only after it (OLMo 2) names that norm ln1 / ln2, as
+    # TransformerLens does; with a norm on both sides (Gemma 2) the later one is ln*_post
+    post1 = "ln1_post" if ln1 else "ln1"
+    post2 = "ln2_post" if ln2 else "ln2"
+    for tag, norm in (("ln1", ln1), (post1, att.post_norm), ("ln2", ln2), (post2, mlp.post_norm)):
         if norm:
             sites.add(name(f"{tag}.hook_scale"), norms[norm]["scale"])
             sites.add(name(f"{tag}.hook_normalized"), norms[norm]["normalized"])

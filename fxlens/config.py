@@ -74,7 +74,8 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
         normalization_type=norm,
         positional_embedding_type="rotary" if b0.rotary else ("standard" if spec.pos_embed is not None else "none"),
         rotary_dim=rotary_dim, parallel_attn_mlp=b0.parallel, gated_mlp=b0.gated,
-        use_normalization_before_and_after=bool(b0.ln1_post or b0.ln2_post),
+        # norms on both sides of a sublayer (Gemma 2); post-norms alone (OLMo 2) are TL's ln1/ln2
+        use_normalization_before_and_after=bool((b0.ln1 and b0.ln1_post) or (b0.ln2 and b0.ln2_post)),
         eps=eps, original_architecture=arch or (archs[0] if archs else type(hf_config).__name__),
         model_name=name, final_rms=spec.ln_final is not None and spec.norm_kinds.get(spec.ln_final) == "RMS",
         dtype=dtype, device=str(device), num_experts=_first(hf_config, "num_local_experts", "num_experts") if b0.moe else None,

@@ -13,7 +13,9 @@ Rewrites  tail(normalized) -> linear(W, b_lin)
           normalized input has mean 0, so that component of W is unused).
           A tied unembedding gets its own parameter; the embedding is untouched.
 Requires  expose_norms, discover_sites.
-Skips     (with the reason in the log) a norm that feeds anything but a linear:
+Skips     a model whose blocks have post-norms only (OLMo 2; TransformerLens folds
+          nothing there, not even ln_final), and (with the reason in the log) a
+          norm that feeds anything but a linear:
           a post-norm feeding the residual add (Gemma 2, OLMo 2), a post-LN encoder.
 Invariant every folded norm's consumers read `normalized` directly: no affine
           tail remains.
@@ -122,6 +124,11 @@ def affine_of(gm: fx.GraphModule, normalized: fx.Node, tail: list[fx.Node], d: i
 
 def fold_ln(gm: fx.GraphModule, spec, log, center: bool = True) -> PassResult:
     graph = gm.graph
+    if spec.blocks and all(b.ln1 is None and b.ln2 is None and (b.ln1_post or b.ln2_post) for b in spec.blocks):
+        # OLMo 2: TransformerLens leaves post-norm-only models unfolded, ln_final included
+        reason = "the blocks normalise only their outputs (post-norms): nothing folded, as TransformerLens"
+        log.skipped.append(f"{NAME}: {reason}")
+        return PassResult(NAME, matched=0, skipped=(reason,))
     folded, skipped = 0, []
     for path, kind in spec.norm_kinds.items():
         nodes = [n for n in graph.nodes if path in module_paths(n)]

@@ -40,7 +40,8 @@ RTOL = 1e-4   # relative to the reference tensor's max |value|, float32
 #   parallel   attention and MLP both read resid_pre (no hook_resid_mid)
 #   ln2        True: an MLP norm of its own; None: parallel block sharing ln1 (TransformerLens
 #              ties ln2 to ln1 there; fxlens may or may not expose it -> not pinned)
-#   pre_norms  ln1/ln2 before the branches; post_norms: ln1_post/ln2_post after them
+#   pre_norms  ln1/ln2 before the branches; post_norms: norms after them (ln1_post/ln2_post
+#              beside pre-norms; ln1/ln2 where they are the only ones, as TransformerLens)
 #   n_kv       kv heads (GQA / MQA)
 #   pos_embed  learned absolute positions (hook_pos_embed)
 #   qk_norm    a norm sits between q/k and rotary (the rotary identities don't apply)
@@ -69,7 +70,7 @@ FEATURES = {
     "starcoder2": dict(_BASE, norm="LN", gated=False),
     # post-norms only, q/k norm over the flat projection; TransformerLens's naming of an
     # all-post-norm block is not certain: list not pinned
-    "olmo2": dict(_BASE, pre_norms=False, ln2=False, post_norms=True, qk_norm=True, pinned=False),
+    "olmo2": dict(_BASE, pre_norms=False, ln2=True, post_norms=True, qk_norm=True, pinned=False),
     # TransformerLens's MoE has per-expert hooks: list not pinned
     "mixtral": dict(_BASE, moe=True, pinned=False),
 }
@@ -88,15 +89,15 @@ def expected_layer_names(f: dict) -> tuple[set, set]:
            "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_mlp_out", "hook_resid_post"}
     forb = set()
     ln = lambda tag: {f"{tag}.hook_scale", f"{tag}.hook_normalized"}  # noqa: E731
-    if f["pre_norms"]:
-        req |= ln("ln1")
+    if f["pre_norms"] or f["post_norms"]:
+        req |= ln("ln1")        # post-norms only (OLMo 2): TransformerLens names them ln1 / ln2
     else:
         forb |= ln("ln1") | ln("ln2")
     if f["ln2"]:
         req |= ln("ln2")
     elif f["ln2"] is False:
         forb |= ln("ln2")
-    if f["post_norms"]:
+    if f["post_norms"] and f["pre_norms"]:
         req |= ln("ln1_post") | ln("ln2_post")
     else:
         forb |= ln("ln1_post") | ln("ln2_post")

@@ -36,9 +36,6 @@ _EXPERTS = {f"blocks.L.mlp.experts.{e}.{site}": "per-expert MoE sites not found 
 KNOWN_GAPS: dict[str, dict[str, str]] = {
     "gptj": _SHARED_LN2,
     "phi": _SHARED_LN2,
-    "olmo2": {**{f"blocks.L.{ln}.{site}": "post-norms named ln1_post/ln2_post"
-                             for ln in ("ln1", "ln2") for site in ("hook_scale", "hook_normalized")},
-              "processed:unembed.hook_in": "ln_final folded where TL keeps post-norm models unfolded"},
     "mixtral": {**_EXPERTS, "blocks.L.mlp.hook_expert_weights": "router sites not found yet",
                 "blocks.L.mlp.hook_expert_indices": "router sites not found yet"},
 }
@@ -138,3 +135,15 @@ def test_q_norm_hooks_edit_the_query(arch):
     uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
     assert rel_err(pattern, uniform.expand_as(pattern)) <= RTOL
     assert rel_err(cache["blocks.0.attn.hook_pattern"], uniform.expand_as(pattern)) > 0.1
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "gemma2", "gemma3", "qwen3"])
+def test_cfg_norm_placement_is_transformerlens(arch):
+    """use_normalization_before_and_after: norms on both sides of each sublayer (Gemma 2/3);
+    post-norms alone (OLMo 2) are TL's plain ln1/ln2. TL's processed model folds nothing
+    in a post-norm-only model (normalization_type stays RMS, not RMSPre)."""
+    modes = json.loads((REF / arch / "hooks.json").read_text())["modes"]
+    for mode in ("raw", "processed"):
+        cfg, tl_cfg = _model(arch, mode).cfg, modes[mode]["cfg"]
+        assert cfg.use_normalization_before_and_after == tl_cfg["use_normalization_before_and_after"], mode
+        assert cfg.normalization_type == tl_cfg["normalization_type"], mode
