@@ -331,7 +331,8 @@ class CompiledRunner:
     # --- running ------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         model = self.model
-        hooked = tuple(n for n, hp in model.hook_dict.items() if hp.fwd_hooks)
+        # a backward hook is registered by its HookPoint as it runs: it cuts the graph too
+        hooked = tuple(n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks)
         v = self.variant(cache_names, hooked)
         before = self.compilations
         start = time.perf_counter()

@@ -210,12 +210,14 @@ class HookedModel(TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMix
 
     def _run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
-        if self._compiled is not None and self._covers(tokens) and not self._has_bwd_hooks():
+        if self._compiled is not None and self._covers(tokens) and (
+                self._compiled.hooks == "python" or not self._has_bwd_hooks()):
             return self._compiled.run(tokens, cache_names)
         return self._run_eager(tokens, cache_names)
 
     def _has_bwd_hooks(self) -> bool:
-        # backward hooks are tensor hooks registered as the eager graph runs
+        # backward hooks are tensor hooks registered as a HookPoint runs: between compiled
+        # segments (hooks="python"), or only in the eager graph (hooks="traced")
         return any(hp.bwd_hooks for hp in self.hook_dict.values())
 
     def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
