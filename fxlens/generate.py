@@ -218,13 +218,13 @@ class GenerateMixin:
             # the prompt through the cache one token at a time; then one token per step
             past = decoder.empty_past(batch, tokens.device, self.cfg.dtype)
             for i in range(prompt_len):
-                logits, past = decoder.step(tokens[:, i:i + 1], past, i)
+                logits, past = decoder.step(tokens[:, :i + 1], past)
         for step in range(max_new_tokens):
             if decoder is None:
                 final_logits = self.forward(tokens)[:, -1, :]               # [batch, d_vocab]
             else:
                 if step:
-                    logits, past = decoder.step(tokens[:, -1:], past, tokens.shape[1] - 1)
+                    logits, past = decoder.step(tokens, past)
                 final_logits = logits[:, -1, :]
             if sampling["do_sample"]:
                 nxt = sample_logits(final_logits, sampling["top_k"], sampling["top_p"],

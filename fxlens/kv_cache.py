@@ -1,55 +1,84 @@
-"""A decode graph: one new token against cached keys and values.
+"""A decode graph: new tokens against cached keys and values.
 
 Built by rewriting a copy of the instrumented graph (hook points shared, so
-hooks fire at every step on the new position, as TransformerLens's KV cache):
+hooks fire at every step on the new positions, as TransformerLens's KV cache):
 
   per attention   k, v operands of QK^T / pattern@V  ->  cat(past, new) on the
                   sequence axis; the concatenations become extra graph outputs
-  the mask        with one query position every cached key is visible, so the
-                  additive causal mask is dropped
+  score terms     every operand of the scores chain (QK^T .. softmax) that
+                  varies with the positions and not with activations (the
+                  causal / sliding-window / chunked mask, ALiBi or relative
+                  position biases) is computed as the full graph computes it,
+                  from all the tokens so far (a second input), and its last
+                  query rows are used: the new queries against every cached
+                  key, exactly. An operand that depends on activations at the
+                  key positions cannot be carried: the rewrite is refused.
   positions       every arange over the sequence (position ids, rotary) is
                   shifted by the number of cached positions (a new input)
 
-Whether that holds for a model (positions computed otherwise, a sliding
-window) is not assumed: `build_decoder` checks step-by-step logits against
-the full graph on a probe and returns None, with the reason, when they differ.
+Whether that holds for a model (positions computed otherwise) is not assumed:
+`build_decoder` checks the decode graph's logits against the full graph's on a
+probe longer than every window the model has (the integer constants of its
+score terms, and the config's window and chunk sizes), and returns None, with
+the reason, when they differ or the rewrite is refused.
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
-from .graph import MATMUL_OPS, same_size, shape, val
+from .graph import MATMUL_OPS, SOFTMAX_OPS, same_size, shape, val
 
 aten = torch.ops.aten
 
-# one-token steps vs the full graph, float32: rounding only (~1e-6 of the logits)
+# decode steps vs the full graph, float32: rounding only (~1e-6 of the logits)
 DECODE_RTOL = 1e-4
+# tokens the probe goes past the longest window (masks are off by one either way)
+PAST_WINDOW = 4
+MIN_PROBE = 6
 
 
 def _site(graph: fx.Graph, name: str) -> fx.Node:
     return next(n for n in graph.nodes if any(s[0] == name for s in n.meta.get("fxlens.sites", [])))
 
 
-def _scores_chain(softmax: fx.Node) -> list[fx.Node]:
+def _activations(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes downstream of a hook point: values that depend on the activations."""
+    act: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "call_module" or any(a in act for a in n.all_input_nodes):
+            act.add(n)
+    return act
+
+
+def _scores_chain(softmax: fx.Node, act: set[fx.Node]) -> list[fx.Node]:
     """softmax input back to the QK^T matmul, through hooks, scaling, mask, soft-cap."""
     chain, n = [], softmax.args[0]
     while n.op != "call_function" or n.target not in MATMUL_OPS:
         chain.append(n)
-        ins = [a for a in n.all_input_nodes if val(a) is not None and val(a).dim() == 4]
+        ins = [a for a in n.all_input_nodes if val(a) is not None and val(a).dim() == val(n).dim()]
+        ins = [a for a in ins if a in act] or ins
         if not ins:
             raise LookupError(f"no QK^T matmul behind {softmax.name}")
-        n = ins[0] if len(ins) == 1 else next(a for a in ins if a.op != "placeholder")
-        if n.op == "call_function" and n.target in MATMUL_OPS:
-            break
+        n = ins[0]
     chain.append(n)
     return chain
 
 
+def _ints(args) -> list[int]:
+    out: list[int] = []
+    fx.node.map_aggregate(args, lambda a: out.append(a) if isinstance(a, int) and not isinstance(a, bool)
+                          else None)
+    return out
+
+
 class Decoder:
-    def __init__(self, model, gm: fx.GraphModule, kv_shapes: list):
+    def __init__(self, model, gm: fx.GraphModule, kv_shapes: list, windows: set[int]):
         self.model, self.gm, self.kv_shapes = model, gm, kv_shapes
+        self.windows = windows  # integer constants of the position-dependent score terms
         self._compiled = None   # (runner, compiled fn) while the model is compiled
 
     def _fn(self):
@@ -69,9 +98,13 @@ class Decoder:
         return [torch.zeros([batch if d == "b" else 0 if d == "s" else d for d in s], device=device, dtype=dtype)
                 for s in self.kv_shapes]
 
-    def step(self, token: torch.Tensor, past: list[torch.Tensor], offset: int):
-        """token [batch, 1] -> (logits [batch, 1, vocab], new past)."""
-        out = self._fn()(token, torch.tensor(offset, device=token.device), *past)
+    def step(self, tokens: torch.Tensor, past: list[torch.Tensor], new: int = 1, eager: bool = False):
+        """tokens [batch, pos] (every token so far; `past` caches all but the last
+        `new`) -> (logits [batch, new, vocab], new past)."""
+        offset = tokens.shape[1] - new
+        fn = self.gm if eager else self._fn()
+        # fresh tensors, not views: compiled, a view's offset and base would be guarded on
+        out = fn(tokens[:, offset:].clone(), torch.tensor(offset, device=tokens.device), tokens.clone(), *past)
         return out[0], list(out[1:])
 
 
@@ -80,23 +113,40 @@ def _build(model) -> Decoder:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     logits = graph.graph_copy(src.graph, env)        # the copy's logits node (no output node yet)
-    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    back = {v: k for k, v in env.items()}
+    src_ids = next(n for n in src.graph.nodes if n.op == "placeholder")
+    ids = env[src_ids]
     batch, seq = shape(ids)
     with graph.inserting_after(ids):
         offset = graph.placeholder("position_offset")
-    pasts, cats, kv_shapes = [], [], []
-    last_placeholder = offset
+    with graph.inserting_after(offset):
+        full_ids = graph.placeholder("all_input_ids")
+    act = _activations(graph)
+    pasts, cats, kv_shapes, terms = [], [], [], []
+    last_placeholder = full_ids
     for layer in range(model.cfg.n_layers):
         softmax = _site(graph, f"blocks.{layer}.attn.hook_pattern")
         z = _site(graph, f"blocks.{layer}.attn.hook_z")
-        chain = _scores_chain(softmax)
+        chain = _scores_chain(softmax, act)
         scores_mm = chain[-1]
-        # drop the additive mask: one query position sees every cached key
-        for n in chain[:-1]:
-            if n.op == "call_function" and n.target is aten.add.Tensor:
-                keep = [a for a in n.args if a in chain]
-                if len(keep) == 1:
-                    n.replace_all_uses_with(keep[0])
+        if softmax.op == "call_function" and softmax.target in SOFTMAX_OPS \
+                and softmax.args[1] not in (-1, val(softmax).dim() - 1):
+            raise LookupError(f"{softmax.name} normalises over dim {softmax.args[1]}, not the last (keys)")
+        # operands of the scores chain that vary with the positions
+        links = set(chain)
+        for n in chain:
+            ops = [scores_mm.args[0]] if n is scores_mm and n.target is aten.baddbmm.default else \
+                [] if n is scores_mm else [a for a in n.args if isinstance(a, fx.Node) and a not in links]
+            for a in ops:
+                s = shape(a)
+                if s is None or not any(same_size(d, seq) for d in s):
+                    continue  # a constant or a per-head scale: the same at every position
+                if a in act:
+                    if same_size(s[-1], seq):
+                        raise LookupError(f"the score term {a.name} of layer {layer} depends on activations "
+                                          f"at every key position, which the decode graph does not recompute")
+                    continue  # per query position: computed on the new positions as for the full graph
+                terms.append((n, a))
         k_idx = 2 if scores_mm.target is aten.baddbmm.default else 1
         for mm, i in ((scores_mm, k_idx), (z, 1)):
             x = mm.args[i]
@@ -118,22 +168,98 @@ def _build(model) -> Decoder:
             with graph.inserting_after(n):
                 shifted = graph.call_function(aten.add.Tensor, (n, offset))
             n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
+    windows = _carry_terms(graph, src, env, back, terms, {src_ids: full_ids}, ids, full_ids, seq)
     graph.output((logits, *cats))
     gm = fx.GraphModule(src, graph)   # shares parameters and hook points with the model
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return Decoder(model, gm, kv_shapes)
+    return Decoder(model, gm, kv_shapes, windows)
 
 
-def build_decoder(model, probe_len: int = 6) -> tuple[Decoder | None, str]:
-    """The decode graph, checked against the full graph; (None, reason) if it differs."""
+def _carry_terms(graph, src, env, back, terms, inputs, ids, full_ids, seq) -> set[int]:
+    """Replace each (user, operand) score term by the full graph's computation of it on
+    all the tokens so far, sliced to the new query rows. Returns the integer constants
+    of those computations (the window sizes among them)."""
+    full: dict[fx.Node, fx.Node] = dict(inputs)     # source node -> its copy over all tokens
+    rows: dict[fx.Node, fx.Node] = {}
+    windows: set[int] = set()
+    order = {n: i for i, n in enumerate(src.graph.nodes)}
+    for user, operand in terms:
+        top = back[operand]
+        if top not in rows:
+            need, todo = set(), [top]
+            while todo:                                   # the term's ancestry in the source graph
+                n = todo.pop()
+                if n in need or n in full:
+                    continue
+                need.add(n)
+                todo.extend(n.all_input_nodes)
+            with graph.inserting_before(user):
+                for n in sorted(need, key=order.__getitem__):
+                    if n.op == "placeholder":
+                        raise LookupError(f"the score term {operand.name} depends on the input {n.name}, "
+                                          f"which the decode graph does not have for the cached positions")
+                    if n.op == "call_module":
+                        raise LookupError(f"the score term {operand.name} depends on {n.name}, an activation")
+                    if n.op == "get_attr":
+                        full[n] = env[n]
+                        continue
+                    full[n] = graph.node_copy(n, lambda a: full[a])
+                    windows.update(abs(i) for i in _ints((n.args, n.kwargs)))
+                term = full[top]
+                s = shape(top)
+                if len(s) >= 2 and same_size(s[-2], seq):          # queries: the last rows
+                    n_all = graph.call_function(aten.sym_size.int, (full_ids, 1))
+                    n_new = graph.call_function(aten.sym_size.int, (ids, 1))
+                    start = graph.call_function(operator.sub, (n_all, n_new))
+                    term = graph.call_function(aten.slice.Tensor, (term, len(s) - 2, start, n_all))
+            rows[top] = term
+        user.replace_input_with(operand, rows[top])
+    return windows
+
+
+def config_windows(config) -> set[int]:
+    """The integer sizes a config declares for windows or chunks of attention (any field
+    named so, in the config and its sub-configs, scalars and per-layer lists)."""
+    out: set[int] = set()
+
+    def walk(d):
+        for key, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif "window" in str(key) or "chunk" in str(key):
+                for x in (v if isinstance(v, (list, tuple)) else [v]):
+                    if isinstance(x, int) and not isinstance(x, bool) and x > 0:
+                        out.add(x)
+
+    if config is not None:
+        walk(config.to_dict())
+    return out
+
+
+def probe_length(model, dec: Decoder) -> int:
+    """Tokens the load check runs: past every window of the model, within its context."""
+    n_ctx = model.cfg.n_ctx
+    sizes = [w for w in dec.windows | config_windows(getattr(model, "hf_config", None)) if w < n_ctx]
+    return min(n_ctx, max(MIN_PROBE, max(sizes, default=0) + PAST_WINDOW))
+
+
+def build_decoder(model, probe_len: int | None = None) -> tuple[Decoder | None, str]:
+    """The decode graph, checked against the full graph; (None, reason) if it differs.
+
+    The probe (2 rows) runs its first 2 tokens one at a time, then all but the last 3
+    as one chunk, then the last 3 one at a time, and compares every position's
+    logits with the full graph's: past the longest window for the price of two
+    forwards."""
     try:
         dec = _build(model)
     except (LookupError, StopIteration, RuntimeError) as exc:
         return None, f"the attention could not be rewritten for a KV cache ({exc})"
-    probe = torch.randint(0, model.cfg.d_vocab, (2, min(probe_len, model.cfg.n_ctx)),
+    length = probe_len or probe_length(model, dec)
+    probe = torch.randint(0, model.cfg.d_vocab, (2, length),
                           generator=torch.Generator().manual_seed(2)).to(model.cfg.device)
+    ends = sorted({e for e in (1, 2, length - 3, length - 2, length - 1, length) if 1 <= e <= length})
     saved = {name: hp.fwd_hooks for name, hp in model.hook_dict.items()}
     try:
         for hp in model.hook_dict.values():
@@ -141,10 +267,11 @@ def build_decoder(model, probe_len: int = 6) -> tuple[Decoder | None, str]:
         with torch.no_grad():
             want = model._graph_for(probe)(probe)
             past = dec.empty_past(probe.shape[0], probe.device, want.dtype)
-            got = []
-            for i in range(probe.shape[1]):
-                logits, past = dec.step(probe[:, i:i + 1], past, i)
+            got, done = [], 0
+            for end in ends:
+                logits, past = dec.step(probe[:, :end], past, new=end - done, eager=True)
                 got.append(logits)
+                done = end
     except Exception as exc:  # any failure means: no KV cache for this model
         return None, f"the decode graph does not run ({type(exc).__name__}: {exc})"
     finally:
@@ -153,6 +280,6 @@ def build_decoder(model, probe_len: int = 6) -> tuple[Decoder | None, str]:
     got = torch.cat(got, dim=1)
     err = (got - want).abs().max().item()
     if not err <= DECODE_RTOL * max(1.0, want.abs().max().item()):
-        return None, f"one-token steps differ from the full graph by {err:.3g} (positions or masks " \
-                     f"computed in a way the rewrite does not shift)"
+        return None, f"decode steps differ from the full graph by {err:.3g} on a {length}-token probe " \
+                     f"(positions or masks computed in a way the rewrite does not shift)"
     return dec, ""

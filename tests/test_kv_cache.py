@@ -7,15 +7,42 @@ import pytest
 import torch
 
 import fxlens
-from fxlens.kv_cache import build_decoder
-from tiny_models import tiny_model
+from fxlens.generate import KVCacheWarning
+from fxlens.kv_cache import build_decoder, config_windows, probe_length
+from tiny_models import tiny_config, tiny_model
 
 ARCHS = ["mistral", "qwen3", "gemma2", "gemma2_sw", "phi", "falcon", "gpt_bigcode", "olmo2", "mixtral"]
+WINDOW = 8          # local layers' window; prompts of 4 plus 12 new tokens go well past it
+# name -> (tiny architecture, config overrides)
+WINDOWED = {
+    "mistral_w8": ("mistral", dict(sliding_window=WINDOW)),                      # every layer local
+    "gemma2_w8": ("gemma2", dict(sliding_window=WINDOW)),                        # local, global; soft-caps
+    "gemma3_w8": ("gemma3", dict(sliding_window=WINDOW)),                        # local, global; 2 rotary bases
+}
 
 
 @functools.lru_cache(maxsize=None)
 def model_of(arch):
     return fxlens.from_pretrained_no_processing(tiny_model(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def windowed(name):
+    arch, overrides = WINDOWED[name]
+    hf = tiny_model(arch, **overrides)
+    return hf, fxlens.from_pretrained_no_processing(hf)
+
+
+def greedy(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False, **kw)
+
+
+def hf_greedy(hf, ids, n):
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+
+
+PROMPT = torch.randint(3, 250, (2, 4), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -30,9 +57,46 @@ def test_cached_generation_equals_recomputing(arch):
     assert torch.equal(cached, plain)
 
 
-def test_sliding_window_shorter_than_the_probe_is_refused_with_the_reason():
-    # gemma2_sw's window (4) is shorter than the load check's probe: dropping the mask would be wrong
-    decoder, why = build_decoder(model_of("gemma2_sw"))
-    assert decoder is None and "differ" in why
-    decoder, why = build_decoder(model_of("mistral"))
-    assert decoder is not None and why == ""
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_cached_generation_past_the_sliding_window_equals_hf(name):
+    # the mask of a local layer hides keys more than WINDOW back; the decode graph computes it for
+    # the cached positions as the full graph does (greedy ids are compared exactly: float32 ties
+    # between the top two logits are far rarer than the margins of these random models)
+    hf, model = windowed(name)
+    want = hf_greedy(hf, PROMPT, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KVCacheWarning)      # the cache is used, not refused
+        assert torch.equal(greedy(model, PROMPT, 12), want)
+    assert model._decoder_cache[1] is not None
+    # the load check ran past the window
+    assert probe_length(model, model._decoder_cache[1]) > WINDOW + 1
+
+
+def test_load_check_probes_past_every_window():
+    # windows are read from the masks' computation (gemma2_sw's 4 is shorter than the old
+    # 6-token probe) and from the config's fields; the probe runs past the longest
+    for model, window in ((model_of("gemma2_sw"), 4), (windowed("gemma3_w8")[1], WINDOW)):
+        decoder, why = build_decoder(model)
+        assert decoder is not None and why == "" and window in decoder.windows
+        assert probe_length(model, decoder) > window + 1
+    assert config_windows(tiny_config("mistral", sliding_window=40, attention_chunk_size=16)) >= {40, 16}
+
+
+def test_score_term_from_key_activations_falls_back_with_a_warning(monkeypatch):
+    # a score bias computed from the keys (all cached positions): the decode graph would only have
+    # the new key's, so the rewrite is refused by name and generate recomputes, equal to HF
+    import transformers.models.mistral.modeling_mistral as mistral
+
+    plain = mistral.eager_attention_forward
+
+    def key_biased(module, query, key, value, attention_mask, *args, **kwargs):
+        bias = key.mean(dim=(1, 3))[:, None, None, :]             # [batch, 1, 1, key]
+        return plain(module, query, key, value, attention_mask + bias, *args, **kwargs)
+
+    monkeypatch.setattr(mistral, "eager_attention_forward", key_biased)
+    hf = tiny_model("mistral", sliding_window=WINDOW)
+    model = fxlens.from_pretrained_no_processing(hf)
+    want = hf_greedy(hf, PROMPT, 12)
+    with pytest.warns(KVCacheWarning, match="depends on activations at every key position"):
+        got = greedy(model, PROMPT, 12)
+    assert torch.equal(got, want)

@@ -94,13 +94,23 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 
 ARCHS = list(CONFIGS)
 
+# Built on demand (by name, as CONFIGS), not part of ARCHS (the per-architecture sweeps).
+MORE_CONFIGS: dict[str, tuple[str, dict]] = {
+    # Gemma 3: local (sliding) and global layers with their own rotary bases, q/k RMSNorm
+    "gemma3": ("gemma3_text", dict(_LLAMA_LIKE, head_dim=D_HEAD, hidden_activation="gelu_pytorch_tanh",
+                                   query_pre_attn_scalar=D_HEAD, sliding_window=N_CTX,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": _rope()["rope_parameters"],
+                                                    "full_attention": _rope(rope_theta=1e6)["rope_parameters"]})),
+}
+
 # Archs whose RMSNorm multiplies by (1 + w) (weights initialised at zero).
-_ONE_PLUS_W = {"gemma", "gemma2", "gemma2_sw"}
+_ONE_PLUS_W = {"gemma", "gemma2", "gemma2_sw", "gemma3"}
 
 
-def tiny_config(arch: str):
-    model_type, kw = CONFIGS[arch]
-    cfg = AutoConfig.for_model(model_type, **kw)
+def tiny_config(arch: str, **overrides):
+    model_type, kw = CONFIGS[arch] if arch in CONFIGS else MORE_CONFIGS[arch]
+    cfg = AutoConfig.for_model(model_type, **{**kw, **overrides})
     cfg.tie_word_embeddings = False if arch not in ("gpt2", "gpt_bigcode") else cfg.tie_word_embeddings
     return cfg
 
@@ -118,10 +128,11 @@ def _perturb(model: torch.nn.Module, one_plus_w: bool, gen: torch.Generator) -> 
             p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
 
 
-def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
-    """A tiny random-weight causal LM of architecture `arch` (see `ARCHS`)."""
+def tiny_model(arch: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A tiny random-weight causal LM of architecture `arch` (see `ARCHS`, `MORE_CONFIGS`),
+    its config fields changed by `overrides` (e.g. `sliding_window=8`)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(arch)
+    cfg = tiny_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _perturb(model, arch in _ONE_PLUS_W, torch.Generator().manual_seed(seed + 1))
     return model.float().eval()
