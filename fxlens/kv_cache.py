@@ -60,7 +60,7 @@ def _scores_chain(softmax: fx.Node, act: set[fx.Node]) -> list[fx.Node]:
     while n.op != "call_function" or n.target not in MATMUL_OPS:
         chain.append(n)
         ins = [a for a in n.all_input_nodes if val(a) is not None and val(a).dim() == val(n).dim()]
-        ins = [a for a in ins if a in act] or ins
+        ins = [a for a in ins if a in act] or [a for a in ins if a.op != "placeholder"] or ins
         if not ins:
             raise LookupError(f"no QK^T matmul behind {softmax.name}")
         n = ins[0]
@@ -185,7 +185,9 @@ def _carry_terms(graph, src, env, back, terms, inputs, ids, full_ids, seq) -> se
     rows: dict[fx.Node, fx.Node] = {}
     windows: set[int] = set()
     order = {n: i for i, n in enumerate(src.graph.nodes)}
-    for user, operand in terms:
+    place = {n: i for i, n in enumerate(graph.nodes)}
+    # in graph order: a computation shared by several users is placed before the first
+    for user, operand in sorted(terms, key=lambda t: place[t[0]]):
         top = back[operand]
         if top not in rows:
             need, todo = set(), [top]
