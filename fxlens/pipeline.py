@@ -1,6 +1,6 @@
 """The compiler pipeline: visible tuples of passes run by one loop.
 
-    FRONT       expose_norms, discover_sites
+    FRONT       split_shared_norms, expose_norms, discover_sites
     PROCESSING  fold_ln, center_writing_weights, center_unembed, fold_value_biases
                 (each only when its flag is on; TransformerLens's order)
     BACK        insert_hooks
@@ -22,7 +22,8 @@ from fxlens.analysis import ModelSpec, analyse
 from fxlens.errors import FxlensError, PassError
 from fxlens.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
-                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks)
+                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks,
+                           split_shared_norms)
 from fxlens.passes_base import PassResult
 from fxlens.weights import column_maps
 
@@ -49,6 +50,7 @@ def discover_sites(gm: fx.GraphModule, ctx: Context) -> PassResult:
 
 
 FRONT = (
+    ("split_shared_norms", lambda gm, ctx: split_shared_norms(gm)),
     ("expose_norms", lambda gm, ctx: expose_norms(gm)),
     ("discover_sites", discover_sites),
 )

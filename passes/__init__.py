@@ -14,7 +14,8 @@ from .insert_hooks import insert_hooks, remove_hooks
 from .opt_in import materialise_opt_in
 from .refactor_attn import refactor_factored_attn_matrices
 from .specialise import specialise
+from .split_shared_norms import split_shared_norms
 
 __all__ = ["expose_norms", "insert_hooks", "remove_hooks", "materialise_opt_in", "fold_ln", "center_writing_weights",
            "center_unembed", "fold_value_biases", "refactor_factored_attn_matrices", "fuse_attention",
-           "specialise"]
+           "specialise", "split_shared_norms"]

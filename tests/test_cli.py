@@ -68,9 +68,9 @@ def test_dump_per_pass_writes_the_graph_after_each_pass(capsys, tmp_path):
     code, out, err = run(capsys, "dump", GPT2, "-o", out_file, "--per-pass")
     assert code == 0, err
     passes = sorted(tmp_path.glob("gpt2.*-*.txt"))
-    assert [p.name for p in passes] == ["gpt2.01-expose_norms.txt", "gpt2.02-discover_sites.txt",
-                                        "gpt2.03-insert_hooks.txt"]
-    norms, found, hooked = (p.read_text() for p in passes)
+    assert [p.name for p in passes] == ["gpt2.01-split_shared_norms.txt", "gpt2.02-expose_norms.txt",
+                                        "gpt2.03-discover_sites.txt", "gpt2.04-insert_hooks.txt"]
+    _, norms, found, hooked = (p.read_text() for p in passes)
     n_hooks = len(oracle_model("gpt2").hook_names)
     # before discovery no sites; after it sites are annotated, not yet hooked
     assert "sites=" not in norms and "site=" not in norms and "created_by=expose_norms" in norms

@@ -61,9 +61,9 @@ FEATURES = {
     "gemma": dict(_BASE),
     "gemma2": dict(_BASE, post_norms=True),
     "gemma2_sw": dict(_BASE, post_norms=True),
-    "phi": dict(_BASE, norm="LN", rotary_dim=D_HEAD // 2, gated=False, parallel=True, ln2=None),
+    "phi": dict(_BASE, norm="LN", rotary_dim=D_HEAD // 2, gated=False, parallel=True, ln2=True),
     "phi3": dict(_BASE),
-    "falcon": dict(_BASE, norm="LN", gated=False, parallel=True, ln2=None, n_kv=1),
+    "falcon": dict(_BASE, norm="LN", gated=False, parallel=True, ln2=True, n_kv=1),
     "falcon_new": dict(_BASE, norm="LN", gated=False, parallel=True, ln2=True),
     "gpt_bigcode": dict(_BASE, norm="LN", rotary=False, rotary_dim=None, gated=False, n_kv=1, pos_embed=True),
     "stablelm": dict(_BASE, norm="LN", rotary_dim=D_HEAD // 4),
@@ -77,9 +77,9 @@ FEATURES = {
 ARCHS = list(FEATURES)
 
 # TransformerLens's hook count (default hooks, 2 layers) where the list is pinned; phi and falcon
-# share one norm between attention and MLP: 37 without a tied ln2, 41 with it (TransformerLens).
+# share one norm between attention and MLP, exposed as ln1 and ln2 (TransformerLens ties ln2 to ln1).
 N_HOOKS = {"gpt2": 40, "llama": 45, "mistral": 45, "qwen2": 45, "gemma": 45, "gemma2": 53, "gemma2_sw": 53,
-           "phi": (37, 41), "phi3": 45, "falcon": (37, 41), "falcon_new": 41, "gpt_bigcode": 40,
+           "phi": 41, "phi3": 45, "falcon": 41, "falcon_new": 41, "gpt_bigcode": 40,
            "stablelm": 45, "starcoder2": 43}
 
 

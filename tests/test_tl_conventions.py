@@ -29,13 +29,9 @@ ARCHS = sorted(p.parent.name for p in REF.glob("*/hooks.json"))
 # TL hooks fxlens does not yet give TL's tensor for (blocks.L. = every layer), per arch;
 # a "processed:" prefix limits an entry to that mode. The test asserts the failing set is
 # exactly this, so a fix (or a regression) fails until the table says so.
-_SHARED_LN2 = {f"blocks.L.ln2.{site}": "a parallel block's shared norm is not exposed as ln2 yet"
-               for site in ("hook_scale", "hook_normalized")}
 _EXPERTS = {f"blocks.L.mlp.experts.{e}.{site}": "per-expert MoE sites not found yet"
             for e in range(4) for site in ("hook_pre", "hook_gate", "hook_post")}
 KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "gptj": _SHARED_LN2,
-    "phi": _SHARED_LN2,
     "mixtral": {**_EXPERTS, "blocks.L.mlp.hook_expert_weights": "router sites not found yet",
                 "blocks.L.mlp.hook_expert_indices": "router sites not found yet"},
 }
@@ -147,3 +143,19 @@ def test_cfg_norm_placement_is_transformerlens(arch):
         cfg, tl_cfg = _model(arch, mode).cfg, modes[mode]["cfg"]
         assert cfg.use_normalization_before_and_after == tl_cfg["use_normalization_before_and_after"], mode
         assert cfg.normalization_type == tl_cfg["normalization_type"], mode
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+@pytest.mark.parametrize("arch", ["phi", "gptj"])
+def test_shared_norm_hooks_move_only_their_sublayer(arch, mode):
+    """A parallel block's one norm is TL's ln1 for attention and ln2 for the MLP: a hook
+    on ln2.hook_normalized changes mlp_out and leaves attn_out alone, and the reverse."""
+    model = _model(arch, mode)
+    tokens = _ref(arch, "tokens")["tokens"]
+    outs = ["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]
+    _, base = model.run_with_cache(tokens, names_filter=outs)
+    for ln, moved, kept in (("ln1", outs[0], outs[1]), ("ln2", outs[1], outs[0])):
+        with model.hooks(fwd_hooks=[(f"blocks.0.{ln}.hook_normalized", lambda x, hook: x * 0.5)]):
+            _, cache = model.run_with_cache(tokens, names_filter=outs)
+        assert torch.equal(cache[kept], base[kept]), (ln, kept)
+        assert rel_err(cache[moved], base[moved]) > 1e-2, (ln, moved)
