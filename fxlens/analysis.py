@@ -27,6 +27,7 @@ How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -339,7 +340,8 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     sites.add("unembed.hook_out", _module_output(nodes_of, unembed, ""))
     d_vocab = shape(unembed)[-1]
     for site, (node, layout, edge) in list(sites.found.items()):
-        sites.found[site] = (node, residual_layout(gm.graph, node, layout), edge)
+        if not site.endswith(_TOKEN_ROWS):
+            sites.found[site] = (node, residual_layout(gm.graph, node, layout), edge)
     sites.commit(graph)
     spec = ModelSpec(blocks=blocks, d_model=int(d_model), d_vocab=int(d_vocab),
                      norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=ln_final,
@@ -537,6 +539,7 @@ def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: Attentio
     writer = walk_back(mlp_out_raw, is_layout)[-1]
     if linear_parts(writer) is None or not reading:
         moe = True  # routed experts: branch sites only, no single pre/post
+        _router_sites(sites, name, mnodes)
     else:
         post = walk_back(linear_parts(writer)[0], is_layout)[-1]
         mclosure = {}
@@ -567,6 +570,29 @@ def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: Attentio
     return MlpSites(path=mlp, nodes=mset, out=mlp_out, post_norm=ln2_post, inputs=mlp_inputs,
                     proj=mlp_proj, writer=None if moe else writer, post=post, d_mlp=d_mlp,
                     gated=gated, moe=moe)
+
+
+# TransformerLens keeps the router's sites as [batch*pos, ...] rows
+_TOKEN_ROWS = ("mlp.hook_expert_weights", "mlp.hook_expert_indices")
+
+
+def _router_sites(sites: _Sites, name, mnodes: list) -> None:
+    """An MoE router: a softmax over a linear's [tokens, experts] logits whose
+    probabilities pick the experts by topk. TransformerLens's mlp.hook_expert_weights
+    is that full softmax, mlp.hook_expert_indices the chosen experts [tokens, k]."""
+    for sm in mnodes:
+        if sm.op != "call_function" or sm.target not in SOFTMAX_OPS or shape(sm) is None or len(shape(sm)) != 2:
+            continue
+        logits = walk_back(sm.args[0], lambda n: n.target in CASTS)[-1]
+        topk = [u for u in sm.users if u.target is aten.topk.default]
+        if linear_parts(logits) is None or len(topk) != 1:
+            continue
+        indices = [u for u in topk[0].users if u.target is operator.getitem and u.args[1] == 1]
+        if len(indices) != 1:
+            continue
+        sites.add(name("mlp.hook_expert_weights"), sm)
+        sites.add(name("mlp.hook_expert_indices"), indices[0])
+        return
 
 
 def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:

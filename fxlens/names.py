@@ -19,6 +19,7 @@ BLOCK_SITES = (
     "ln1_post.hook_scale", "ln1_post.hook_normalized",
     "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
     "ln2.hook_scale", "ln2.hook_normalized",
+    "mlp.hook_expert_weights", "mlp.hook_expert_indices",
     "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
     "ln2_post.hook_scale", "ln2_post.hook_normalized",
     "hook_mlp_out", "hook_resid_post",
