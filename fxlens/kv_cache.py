@@ -168,7 +168,11 @@ def _build(model) -> Decoder:
             with graph.inserting_after(n):
                 shifted = graph.call_function(aten.add.Tensor, (n, offset))
             n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
-    windows = _carry_terms(graph, src, env, back, terms, {src_ids: full_ids}, ids, full_ids, seq)
+    # the terms over all tokens read the ids so far, and None for an input the decode graph
+    # dropped (its readers were given None: an attention mask, all ones)
+    present = set(graph.nodes)
+    inputs = {p: None for p in src.graph.nodes if p.op == "placeholder" and env[p] not in present}
+    windows = _carry_terms(graph, src, env, back, terms, {**inputs, src_ids: full_ids}, ids, full_ids, seq)
     graph.output((logits, *cats))
     gm = fx.GraphModule(src, graph)   # shares parameters and hook points with the model
     gm.graph.eliminate_dead_code()
