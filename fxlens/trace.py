@@ -15,20 +15,48 @@ import functools
 import torch
 import torch.fx as fx
 
+from .graph import is_layout
+
 
 CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
           torch.ops.aten.type_as.default}
 
 
-def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Tensor]:
+class NotIndex:
+    """What reaches a sink when the path from a source is not index movement alone:
+    `node` is the first op on it that computes with the values (a norm, a gate)."""
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"{self.node.name} ({self.node.target})"
+
+
+_SIZES = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)   # sizes read off a traced value
+
+
+def _moves_values(n: fx.Node) -> bool:
+    """Ops that only move, select or cast values (index tracing passes through them)."""
+    return n.op == "call_module" or is_layout(n)   # call_module: hook points, identity unhooked
+
+
+def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Tensor | NotIndex]:
     """Values reaching each sink when every source emits `arange` (batch 1, pos 1).
 
     Only the nodes between sources and sinks run (views, splits, the symbolic
     sizes they read), in float64 whatever the model's dtype, so the indices are
-    exact; dtype casts on the way are skipped."""
+    exact; dtype casts on the way are skipped. A sink that a source reaches
+    through an op that computes with the values (BitNet's sub-norm before
+    o_proj, a sigmoid gate on the attention output) has no column map: it gets
+    a `NotIndex` naming that op, and nothing upstream of the op is run."""
     sources = set(sources)
     ids = torch.zeros(1, 1, dtype=torch.long)
     env: dict[fx.Node, object] = {}
+    carries = set(sources)            # nodes whose value derives from a source
+    for n in gm.graph.nodes:
+        if n not in carries and any(a in carries for a in n.all_input_nodes):
+            carries.add(n)
 
     def value(node):
         stack = [node]
@@ -44,10 +72,17 @@ def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Ten
             elif n in sources:
                 shape = [1 if not isinstance(d, int) else d for d in n.meta["val"].shape]
                 env[n] = torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float64).reshape(shape)
+            elif n in carries and not _moves_values(n) and not isinstance(n.meta.get("val"), _SIZES):
+                env[n] = NotIndex(n)
             else:
                 pending = [a for a in n.all_input_nodes if a not in env]
                 if pending:
                     stack.extend(pending)
+                    continue
+                broken = next((env[a] for a in n.all_input_nodes if isinstance(env[a], NotIndex)), None)
+                if broken is not None:
+                    env[n] = broken
+                    stack.pop()
                     continue
                 args = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
                 kwargs = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
@@ -58,7 +93,11 @@ def trace_indices(gm: fx.GraphModule, sources, sinks) -> dict[fx.Node, torch.Ten
             stack.pop()
         return env[node]
 
-    return {s: value(s).round().long() for s in sinks}
+    out = {}
+    for s in sinks:
+        v = value(s)
+        out[s] = v if isinstance(v, NotIndex) else v.round().long()
+    return out
 
 
 def apply_chain(gm: fx.GraphModule, start: fx.Node, end: fx.Node, x: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,15 @@ W_U [d_model, d_vocab]; stacked over layers on `model`, per layer on `model.bloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .graph import linear_parts, walk_back, is_layout
+from .errors import UnmappableModelError
 from .editable import read_only, read_param, stack
 from .params import Linear, get_tensor
-from .trace import apply_chain, trace_indices
+from .trace import NotIndex, apply_chain, trace_indices
 
 
 @dataclass
@@ -34,6 +35,20 @@ class BlockMaps:
     pre: tuple | None = None   # (Linear, cols [d_mlp])  -- W_gate for gated MLPs, else W_in
     pre_linear: tuple | None = None  # (Linear, cols [d_mlp]) -- W_in of gated MLPs
     out: tuple | None = None   # (Linear, input cols [d_mlp])
+    # role -> why it has no map: the op between the projection and its site that
+    # computes with the values (index tracing's NotIndex), so no column map exists
+    unmapped: dict = field(default_factory=dict)
+
+    def get(self, role: str, what: str) -> tuple:
+        """(Linear, cols) of `role`, or an UnmappableModelError naming the op in the way."""
+        entry = getattr(self, role)
+        if entry is None and role in self.unmapped:
+            raise UnmappableModelError(
+                f"{what}: {self.unmapped[role]} lies between the {role} projection and its site and "
+                f"computes with the values (not only moves them), so there are no "
+                f"TransformerLens-shaped weights for it. Read the activations at the sites instead "
+                f"(run_with_cache), or edit them with hooks")
+        return entry
 
 
 def column_maps(gm, spec) -> list[BlockMaps]:
@@ -58,25 +73,35 @@ def column_maps(gm, spec) -> list[BlockMaps]:
     out = []
     for b in spec.blocks:
         m = BlockMaps()
+
+        def mapped(role, value, make):
+            if isinstance(value, NotIndex):
+                m.unmapped[role] = repr(value)
+            else:
+                setattr(m, role, make(value))
+
         for role in "qkv":
             site, proj = b.qkv[role]
             _, lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
-            cols = lay.to_tl(seen[site], batch=1).reshape(-1, b.d_head)  # [head, d_head]
-            setattr(m, role, (Linear(proj), cols))
+            # [head, d_head]
+            mapped(role, seen[site], lambda v: (Linear(proj), lay.to_tl(v, batch=1).reshape(-1, b.d_head)))
         # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
-        o_in = seen[linear_parts(b.o_proj)[0]].reshape(-1)
-        inv = torch.empty_like(o_in)
-        inv[o_in] = torch.arange(o_in.numel())
-        m.o = (Linear(b.o_proj), inv.reshape(b.n_heads, b.d_head))
+        mapped("o", seen[linear_parts(b.o_proj)[0]],
+               lambda v: (Linear(b.o_proj), _inverse(v).reshape(b.n_heads, b.d_head)))
         for role, (site, proj) in b.mlp_proj.items():
-            setattr(m, role, (Linear(proj), seen[site].reshape(-1)))
+            mapped(role, seen[site], lambda v: (Linear(proj), v.reshape(-1)))
         if b.writer is not None:
-            w_in = seen[linear_parts(b.writer)[0]].reshape(-1)
-            inv = torch.empty_like(w_in)
-            inv[w_in] = torch.arange(w_in.numel())
-            m.out = (Linear(b.writer), inv)
+            mapped("out", seen[linear_parts(b.writer)[0]], lambda v: (Linear(b.writer), _inverse(v)))
         out.append(m)
     return out
+
+
+def _inverse(cols: torch.Tensor) -> torch.Tensor:
+    """Flat positions -> the column each one came from, inverted."""
+    cols = cols.reshape(-1)
+    inv = torch.empty_like(cols)
+    inv[cols] = torch.arange(cols.numel())
+    return inv
 
 
 # --- reading weights in TransformerLens shapes -------------------------------------
@@ -146,13 +171,13 @@ class BlockWeights:
         return read_param(get_tensor(self._gm(), b.target), read, self._name(what))
 
     def _qkv(self, role: str, what: str, repeat: bool = False):
-        lin, cols = getattr(self._m(), role)        # cols [head, d_head]
+        lin, cols = self._m().get(role, self._name(what))        # cols [head, d_head]
         rep = self._model.cfg.n_heads // cols.shape[0] if repeat else 1
         # [out, d_model] -> [head, d_head, d_model] -> [head, d_model, d_head] (kv heads repeated)
         return self._weight(what, lin, lambda w: _repeat(w[cols].permute(0, 2, 1), rep))
 
     def _qkv_bias(self, role: str, what: str, repeat: bool = False):
-        lin, cols = getattr(self._m(), role)
+        lin, cols = self._m().get(role, self._name(what))
         rep = self._model.cfg.n_heads // cols.shape[0] if repeat else 1
         return self._bias(what, lin, lambda b: _repeat(b[cols], rep))
 
@@ -179,21 +204,22 @@ class BlockWeights:
 
     @property
     def W_O(self):
-        lin, cols = self._m().o                     # input columns [head, d_head]
+        lin, cols = self._m().get("o", self._name("attn.W_O"))   # input columns [head, d_head]
         # [d_model, head*d_head] -> [d_model, head, d_head] -> [head, d_head, d_model]
         return self._weight("attn.W_O", lin, lambda w: w[:, cols].permute(1, 2, 0))
 
     @property
-    def b_O(self): return self._bias("attn.b_O", self._m().o[0])
+    def b_O(self): return self._bias("attn.b_O", Linear(self._model.spec.blocks[self.layer].o_proj))
 
     def _mlp(self, role):
-        entry = getattr(self._m(), role)
+        entry = self._m().get(role, self._name(f"mlp ({role})"))
         if entry is None:
             raise AttributeError(f"block {self.layer} has no {role} projection (MoE or not gated)")
         return entry
 
     def _in_role(self) -> str:
-        return "pre_linear" if self._m().pre_linear else "pre"
+        m = self._m()
+        return "pre_linear" if m.pre_linear or "pre_linear" in m.unmapped else "pre"
 
     @property
     def W_in(self):
@@ -205,7 +231,7 @@ class BlockWeights:
         return self._bias("mlp.b_in", lin, lambda b: b[cols])
     @property
     def W_gate(self):
-        if not self._m().pre_linear:
+        if self._in_role() != "pre_linear":
             raise AttributeError("W_gate: this MLP is not gated")
         lin, cols = self._mlp("pre")
         return self._weight("mlp.W_gate", lin, lambda w: w[cols].T)

@@ -17,8 +17,10 @@ Skips     a model whose blocks have post-norms only (OLMo 2; TransformerLens fol
           nothing there, not even ln_final), and (with the reason in the log) a
           norm that feeds anything but a linear:
           a post-norm feeding the residual add (Gemma 2, OLMo 2), a post-LN encoder.
-Invariant every folded norm's consumers read `normalized` directly: no affine
-          tail remains.
+          A tail that casts (bf16 / fp16 models: the norm computes in float32) leaves
+          its cast: readers get `normalized` in the dtype the tail produced.
+Invariant every folded norm's consumers read `normalized` (cast to the tail's
+          output dtype, if it had another) directly: no affine tail remains.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def affine_of(gm: fx.GraphModule, normalized: fx.Node, tail: list[fx.Node], d: i
         if n in env:
             return env[n]
         if n.op == "get_attr":
-            return get_tensor(gm, n.target)
+            t = get_tensor(gm, n.target)
+            return t.double() if t.is_floating_point() else t
         if n.op != "call_function" or n in tail_set:
             raise LookupError(n.name)
         # parameter-only helpers such as Gemma's (1 + w)
@@ -109,7 +112,7 @@ def affine_of(gm: fx.GraphModule, normalized: fx.Node, tail: list[fx.Node], d: i
             env[n] = n.target(*args, **kwargs)
         return env[tail[-1]].reshape(-1).double()
 
-    dtype = normalized.meta["val"].dtype
+    dtype = torch.float64   # exact whatever the model's dtype: a bf16 tail's rounding is not its map
     try:
         with torch.no_grad():
             zero = torch.zeros(d, dtype=dtype)
@@ -120,6 +123,22 @@ def affine_of(gm: fx.GraphModule, normalized: fx.Node, tail: list[fx.Node], d: i
     except (LookupError, RuntimeError, TypeError):
         return None
     return (a, c) if ok and a.shape == (d,) else None
+
+
+def _in_dtype_of(graph: fx.Graph, normalized: fx.Node, out: fx.Node, tail: list[fx.Node]) -> fx.Node:
+    """`normalized`, cast to the dtype `out` had: the tail's casts (HF norms compute
+    in float32 and cast back, `weight * x.to(input_dtype)`) outlive the folded affine
+    map, or a bf16 / fp16 linear would read a float32 input."""
+    want = out.meta["val"].dtype
+    if normalized.meta["val"].dtype == want:
+        return normalized
+    like = next((n for n in reversed(tail) if n.target in CASTS), out)   # where the tail cast
+    with graph.inserting_after(normalized):
+        cast = graph.call_function(torch.ops.aten._to_copy.default, (normalized,), {"dtype": want})
+    cast.meta.update({k: v for k, v in like.meta.items() if not k.startswith("fxlens.")})
+    cast.meta["val"] = normalized.meta["val"].to(want)
+    cast.meta["fxlens.created_by"] = NAME
+    return cast
 
 
 def fold_ln(gm: fx.GraphModule, spec, log, center: bool = True) -> PassResult:
@@ -163,7 +182,7 @@ def fold_ln(gm: fx.GraphModule, spec, log, center: bool = True) -> PassResult:
                 if not lin.set_bias(gm, new_b.to(dtype), NAME, log):
                     raise PassError(NAME, f"{node.name} reads {path} and has no bias to take its "
                                           f"bias; pass fold_ln=False")
-        out.replace_all_uses_with(normalized)
+        out.replace_all_uses_with(_in_dtype_of(graph, normalized, out, tail))
         for n in reversed(tail):
             if not n.users:
                 graph.erase_node(n)

@@ -7,6 +7,8 @@ Rewrites  b_V -> 0, b_O -> b_O + sum_h b_V[kv(h)] @ W_O[h]. Attention patterns
           sum to 1, so a value bias adds the same b_V @ W_O at every position.
           Under GQA head h reads kv head h // (n_heads / n_kv_heads).
 Requires  discover_sites (and fold_ln first, if it runs, as TransformerLens).
+Skips     (with the reason in the log) a block whose v or z reaches its projection
+          through an op that computes with the values (BitNet's sub-norm, a gate).
 Invariant the value columns of the projection's bias are zero.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fxlens.errors import PassError
+from fxlens.params import Linear
 from fxlens.passes_base import PassResult
 from fxlens.weights import w_o
 
@@ -22,8 +25,17 @@ NAME = "fold_value_biases"
 
 
 def fold_value_biases(gm, spec, log, maps) -> PassResult:
-    n = 0
+    n, skipped = 0, []
     for b, m in zip(spec.blocks, maps):
+        if m.v is None or m.o is None:
+            # v or z reaches its projection through a value-computing op (a norm, a gate):
+            # b_V @ W_O is then not the same at every position, so nothing folds
+            v_proj = b.qkv["v"][1]
+            if Linear(v_proj).bias(gm) is not None:
+                why = "; ".join(f"{r} through {m.unmapped[r]}" for r in ("v", "o") if r in m.unmapped)
+                skipped.append(f"block {b.layer}: the value bias is not constant at the output "
+                               f"({why}); left as it is")
+            continue
         v_lin, v_cols = m.v
         bias = v_lin.bias(gm)
         if bias is None or not bool(bias[v_cols].any()):
@@ -42,5 +54,6 @@ def fold_value_biases(gm, spec, log, maps) -> PassResult:
         if v_lin.bias(gm)[v_cols].any():
             raise PassError(NAME, f"block {b.layer}: value bias not zero after folding")
         n += 1
+    log.skipped.extend(f"{NAME}: {s}" for s in skipped)
     gm.recompile()
-    return PassResult(NAME, matched=n)
+    return PassResult(NAME, matched=n, skipped=tuple(skipped))

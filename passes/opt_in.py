@@ -161,7 +161,7 @@ def _split_inputs(gm: fx.GraphModule, spec, maps, layer: int, short: str) -> Non
     resid, _, _ = _site_node(graph, f"blocks.{layer}.hook_resid_pre")
     x_shared = None
     for role in roles:
-        lin, cols = getattr(maps, role)                  # cols [head, d_head] of the projection's output
+        lin, cols = maps.get(role, f"blocks.{layer}.{short}")   # cols [head, d_head] of the projection's output
         hook, site, layout = _site_node(graph, f"blocks.{layer}.attn.hook_{role}")
         heads = cols.shape[0]
         with graph.inserting_before(site):

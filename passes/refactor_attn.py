@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fxlens.errors import PassError, ProcessingError
+from fxlens.errors import PassError, ProcessingError, UnmappableModelError
 from fxlens.passes_base import PassResult
 from fxlens.weights import b_qkv, w_o, w_qkv
 
@@ -53,10 +53,11 @@ def refactor_factored_attn_matrices(gm, spec, log, maps) -> PassResult:
         raise ProcessingError(f"{NAME}: grouped kv heads share K and V between query heads; "
                               f"leave this option off")
     for b, m in zip(spec.blocks, maps):
-        q_lin, q_cols = m.q
-        k_lin, k_cols = m.k
-        v_lin, v_cols = m.v
-        o_lin, o_cols = m.o
+        try:
+            (q_lin, q_cols), (k_lin, k_cols), (v_lin, v_cols), (o_lin, o_cols) = (
+                m.get(r, f"{NAME}: block {b.layer}") for r in "qkvo")
+        except UnmappableModelError as exc:
+            raise ProcessingError(f"{exc}; leave this option off") from exc
         wq, wk = w_qkv(gm, q_lin, q_cols).double(), w_qkv(gm, k_lin, k_cols).double()
         bq, bk = b_qkv(gm, q_lin, q_cols).double(), b_qkv(gm, k_lin, k_cols).double()
         # QK with the biases as an extra (always-1) input row: [head, d_model+1, d_head]

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import sys
 import warnings
 
 import pytest
@@ -195,3 +196,57 @@ def test_post_norms_are_skipped_with_the_reason():
     # the pre-norms were folded all the same
     assert any("fold_ln" in v for v in model.processing.changed.values())
     assert model.processing["fold_ln"]
+
+
+# --- bfloat16 / float16, and projections behind value-computing ops (issue 19.5) ---
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.bfloat16), ("gpt2", torch.float16)])
+def test_processing_in_half_precision_keeps_hf_log_probs_in_that_dtype(arch, dtype):
+    """fold_ln keeps the norm's cast back to the model dtype (HF norms compute in
+    float32), so the folded graph runs; its log-probs stay within rounding of HF's
+    in that dtype: fxlens.self_check_rtol(dtype), 8 eps of the largest log-prob (the
+    reason is written at fxlens.LOW_PRECISION_EPS; dropping a norm weight moves them ~30 eps)."""
+    hf = tiny_model(arch).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "processing weights in bfloat16 loses precision"
+        model = fxlens.from_pretrained(hf, dtype=dtype)
+    assert model.processing["fold_ln"] and model.W_Q.dtype == dtype
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(tokens, use_cache=False).logits.float().log_softmax(-1)
+    assert rel_err(model(tokens).float().log_softmax(-1), want) <= fxlens.self_check_rtol(dtype)
+    assert fxlens.self_check_rtol(torch.float32) == RTOL
+
+
+def test_processing_with_a_gate_between_z_and_o_proj():
+    """afmoe gates the attention output (z * sigmoid(gate)) before o_proj: index
+    tracing stops at the gate instead of running the graph in float64 (it crashed:
+    'double != float'); processing folds what it can and W_O says why it has none."""
+    sys.path.insert(0, str(DATA.parent.parent / "scripts"))
+    import support_matrix
+    hf = support_matrix.tiny_model("afmoe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fxlens.from_pretrained(hf)
+    assert model.processing["fold_ln"]
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(tokens, use_cache=False).logits.log_softmax(-1)
+    assert rel_err(model(tokens).log_softmax(-1), want) <= RTOL
+    assert model.blocks[0].W_Q.shape == (model.cfg.n_heads, model.cfg.d_model, model.cfg.d_head)
+    with pytest.raises(fxlens.UnmappableModelError, match=r"blocks\.0\.attn\.W_O: mul.*aten\.mul"):
+        model.blocks[0].W_O
+
+
+def test_a_graph_that_fails_to_run_is_a_self_check_error():
+    cap, _ = tiny_captured("llama")
+
+    def break_dtype(name, gm, result):   # a pass leaving a float64 weight in a float32 graph
+        if name == "fold_ln":
+            node = next(n for n in gm.graph.nodes if n.op == "get_attr" and "q_proj" in n.target)
+            owner, _, leaf = node.target.rpartition(".")
+            mod = gm.get_submodule(owner)
+            setattr(mod, leaf, torch.nn.Parameter(getattr(mod, leaf).detach().double()))
+
+    with pytest.raises(fxlens.SelfCheckError, match=r"fails on a probe input .*RuntimeError"):
+        fxlens.from_pretrained(cap, on_pass=break_dtype)
