@@ -363,8 +363,13 @@ def main(argv=None) -> int:
     for t in types:
         row = run_one(t, args.timeout)
         rows.append(row)
+        checks = row.get("checks") or {}
+        errs = " ".join(f"{k}={checks[k]:.1e}" for k in ("log_probs", "processed_log_probs")
+                        if isinstance(checks.get(k), float))
+        why = "; ".join(x for x in (row.get("reason"), row.get("processed_reason") and
+                                    "processed: " + row["processed_reason"]) if x)
         print(f"{t:32s} {row['status']:15s} {str(row.get('processed') or ''):8s} {row['seconds']:6.1f}s "
-              f"{(row.get('reason') or '')[:150]}", flush=True)
+              f"{errs} {why[:150]}", flush=True)
     out_dir = Path(args.out)
     if args.merge and (out_dir / "support.json").exists():
         old = {r["model_type"]: r for r in json.loads((out_dir / "support.json").read_text())["rows"]}
