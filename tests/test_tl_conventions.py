@@ -159,3 +159,21 @@ def test_shared_norm_hooks_move_only_their_sublayer(arch, mode):
             _, cache = model.run_with_cache(tokens, names_filter=outs)
         assert torch.equal(cache[kept], base[kept]), (ln, kept)
         assert rel_err(cache[moved], base[moved]) > 1e-2, (ln, moved)
+
+
+# fxlens orders hook names by a fixed canonical rank; OLMo 2's post-only ln1/ln2 run after
+# the sublayer in TL, but are ranked where pre-norms sit.
+ORDER_GAPS = {"olmo2"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hook_names_are_transformerlens_names(arch):
+    """The golden list: fxlens's hook names are TL's (less the listed gaps), none beyond,
+    in TL's order."""
+    for mode in ("raw", "processed"):
+        want = list(json.loads((REF / arch / "hooks.json").read_text())["modes"][mode]["hooks"])
+        gaps = _known_gaps(arch, mode)
+        want = [n for n in want if re.sub(r"^blocks\.\d+\.", "blocks.L.", n) not in gaps]
+        got = _model(arch, mode).hook_names
+        assert set(got) == set(want), (mode, sorted(set(got) ^ set(want)))
+        assert (got == want) == (arch not in ORDER_GAPS), mode
