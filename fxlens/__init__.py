@@ -11,8 +11,8 @@ from .capture import Captured, capture, checkpoint_kind
 from .config import make_config
 from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, InputError, PassError,
-                     HarvestError, NotApplicableError, ProcessingError, SelfCheckError, UnknownHookError,
-                     UnmappableModelError)
+                     HarvestError, NotApplicableError, ProcessingError, SAEError, SelfCheckError,
+                     UnknownHookError, UnmappableModelError)
 from .harvesting import harvest
 from .model import HookedModel
 from .names import act_name
@@ -23,7 +23,7 @@ __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_process
            "encoder_from_pretrained_no_processing", "capture_encoder", "EncoderCaptured", "HookedEncoder",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
            "HookReturnError", "ContextLengthError", "HarvestError", "harvest", "SelfCheckError", "ProcessingError", "PassError",
-           "InputError", "NotApplicableError"]
+           "InputError", "NotApplicableError", "SAEError"]
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")
@@ -161,10 +161,11 @@ def _graph_at(cap: Captured, flags: dict, self_check: bool, model: HookedModel, 
         if not hasattr(container, name.replace(".", "__")) and is_opt_in_name(name):
             materialise_opt_in(gm, ctx.spec, name, column_maps(gm, ctx.spec))
     own = {m.name for m in container.children()}
-    if own != set(model.hook_names):
+    sites = {n for n, hp in model.hook_dict.items() if hp.in_graph}   # not an SAE's own sites
+    if own != sites:
         raise CaptureError(
             f"the export for {seq} tokens has other hook sites than the model's "
-            f"({sorted(own ^ set(model.hook_names))[:4]}); pass inputs of "
+            f"({sorted(own ^ sites)[:4]}); pass inputs of "
             f"{cap.info.seq_range[0]}..{cap.info.seq_range[1] or ''} tokens")
     for attr, hp in list(container.named_children()):
         setattr(container, attr, model.hook_dict[hp.name])

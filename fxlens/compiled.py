@@ -331,8 +331,9 @@ class CompiledRunner:
     # --- running ------------------------------------------------------------------
     def run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         model = self.model
-        # a backward hook is registered by its HookPoint as it runs: it cuts the graph too
-        hooked = tuple(n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks)
+        # sites with hooks (a backward hook is registered by its HookPoint as it runs: it cuts
+        # the graph too) or an SAE (fxlens.saes)
+        hooked = model._hooked_sites()
         v = self.variant(cache_names, hooked)
         before = self.compilations
         start = time.perf_counter()

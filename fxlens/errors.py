@@ -72,3 +72,8 @@ class InputError(FxlensError, ValueError):
 class NotApplicableError(FxlensError, NotImplementedError):
     """A TransformerLens method that has no meaning on a captured graph; the
     message says why and what to use instead."""
+
+
+class SAEError(FxlensError, ValueError):
+    """An SAE that cannot be spliced at its site: a hook name the model lacks, an
+    input width other than the site's, or a kind fxlens does not splice (a transcoder)."""

@@ -171,7 +171,14 @@ def _traced_layout(layout: Layout, direction: str, dtype: torch.dtype, sig: tupl
 
 
 class HookPoint(nn.Module):
-    """A named site. `fn(activation, hook) -> tensor | None`; `hook.name` is the site's name."""
+    """A named site. `fn(activation, hook) -> tensor | None`; `hook.name` is the site's name.
+
+    `sae_splice`: an SAE attached with `model.add_sae` (fxlens.saes.SAESplice); the
+    activation passes through it before the hooks run. `in_graph` is False for the
+    hook points of such an SAE (`<site>.hook_sae_acts_post`, ...): they are no node
+    of the graph and run inside their site's HookPoint."""
+
+    in_graph = True
 
     def __init__(self, name: str, layout: Layout = Layout()):
         super().__init__()
@@ -180,6 +187,7 @@ class HookPoint(nn.Module):
         self.fwd_hooks: list = []   # [(fn, permanent)]
         self.bwd_hooks: list = []   # [(fn, permanent)]: fn(grad, hook) -> tensor | None
         self.ctx: dict = {}         # scratch space for hooks (TransformerLens's hook.ctx)
+        self.sae_splice = None
 
     def clear_context(self) -> None:
         self.ctx = {}
@@ -189,9 +197,11 @@ class HookPoint(nn.Module):
         return int(parts[1]) if parts[0] == "blocks" else None
 
     def forward(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        if not self.fwd_hooks and not self.bwd_hooks:
+        if not self.fwd_hooks and not self.bwd_hooks and self.sae_splice is None:
             return x
         y = self.layout.to_tl(x, batch)
+        if self.sae_splice is not None:
+            y = self.sae_splice(y)
         for fn, _ in list(self.fwd_hooks):
             y = self._checked(fn(y, hook=self), y, "activation")
         if self.bwd_hooks and y.requires_grad:

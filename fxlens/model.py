@@ -14,13 +14,14 @@ from .analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
 from .generate import GenerateMixin
 from .hook_points import HookPoint
 from .names import canonical_order, is_opt_in
+from .saes import SAEMixin
 from .tl_surface import TransformerLensMixin, slice_positions
 from .weights import WeightsMixin
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
 
-class HookedModel(TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
+class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
     """An HF model captured as a graph with TransformerLens hook points.
 
     Built by `fxlens.from_pretrained_no_processing(...)`; see DESIGN.md for the
@@ -212,7 +213,14 @@ class HookedModel(TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMix
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
         if self._compiled is not None and self._covers(tokens) and (
                 self._compiled.hooks == "python" or not self._has_bwd_hooks()):
-            return self._compiled.run(tokens, cache_names)
+            # an SAE's sites are no graph nodes: they are cached by hooks, inside their site's
+            # HookPoint, which the compiled variant runs as Python (fxlens.saes)
+            inner = self._sae_site_names(cache_names)
+            if not inner:
+                return self._compiled.run(tokens, cache_names)
+            with self._caching(inner) as store:
+                logits, rest = self._compiled.run(tokens, [n for n in cache_names if n not in inner])
+            return logits, {**rest, **store}
         return self._run_eager(tokens, cache_names)
 
     def _has_bwd_hooks(self) -> bool:
@@ -223,15 +231,21 @@ class HookedModel(TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMix
     def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
         if not cache_names:
             return self._graph_for(tokens)(tokens), {}
+        with self._caching(cache_names) as store:
+            logits = self._graph_for(tokens)(tokens)
+        return logits, store
+
+    @contextlib.contextmanager
+    def _caching(self, names):
+        """Yields {name: activation}, filled as the sites run in the block."""
         store: dict[str, torch.Tensor] = {}
 
         def save(tensor, hook):
             store[hook.name] = tensor.detach()
 
         # cache hooks go after the user's, so the cache shows edited values
-        with self.hooks(fwd_hooks=[(n, save) for n in cache_names]):
-            logits = self._graph_for(tokens)(tokens)
-        return logits, store
+        with self.hooks(fwd_hooks=[(n, save) for n in names]):
+            yield store
 
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                 prepend_bos: bool | None = None, padding_side: str | None = None,

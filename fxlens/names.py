@@ -71,10 +71,18 @@ def is_opt_in(name: str) -> bool:
     return split_name(name)[1] in OPT_IN_SITES
 
 
+# The hook points of an SAE spliced at a site (SAELens's names, after `<site>.`),
+# in the order they run.
+SAE_SITES = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons",
+             "hook_sae_error", "hook_sae_output")
+
+
 def canonical_order(names) -> list[str]:
     """Sort hook names into TransformerLens execution order (HookedEncoder's
-    order when the names include an encoder-only one)."""
+    order when the names include an encoder-only one); an SAE's sites
+    (`<site>.hook_sae_*`) come right after their site, in SAE_SITES order."""
     names = list(names)
+    rank_sae = {s: i for i, s in enumerate(SAE_SITES)}
     encoder = any(split_name(n)[1] in _ENCODER_ONLY for n in names)
     embed, block, final = ((ENCODER_EMBED_SITES, ENCODER_BLOCK_SITES, ENCODER_FINAL_SITES) if encoder
                            else (EMBED_SITES, BLOCK_SITES, FINAL_SITES))
@@ -83,6 +91,12 @@ def canonical_order(names) -> list[str]:
     rank_final = {s: i for i, s in enumerate(final)}
 
     def key(name):
+        site, _, sub = name.rpartition(".")
+        if site and sub.startswith("hook_sae_"):
+            return (*site_key(site), rank_sae.get(sub, len(rank_sae)), sub)
+        return (*site_key(name), -1, "")
+
+    def site_key(name):
         layer, short = split_name(name)
         if layer is not None:
             return (1, layer, rank_block.get(short, len(rank_block)), short)
