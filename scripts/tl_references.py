@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -187,7 +188,8 @@ def record(arch: str) -> dict:
 
 
 def write_readme(done: dict[str, dict], failed: dict[str, str]) -> None:
-    import transformer_lens
+    from importlib.metadata import version
+
     import transformers
 
     lines = [
@@ -195,7 +197,7 @@ def write_readme(done: dict[str, dict], failed: dict[str, str]) -> None:
         "",
         "Made by `scripts/tl_references.py` (see its docstring for how TransformerLens is",
         "driven offline) with transformer_lens "
-        f"{transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '3.9'}, "
+        f"{version('transformer_lens')}, "
         f"transformers {transformers.__version__}, torch {torch.__version__}.",
         "",
         "Per arch: `hf/` (the tiny checkpoint: load it, never rebuild), `tokens.safetensors` [2, 8],",
@@ -229,7 +231,7 @@ def main(argv: list[str]) -> None:
             done[arch] = record(arch)
         except Exception as exc:  # noqa: BLE001 - a reference we cannot make is listed, not fatal
             failed[arch] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-            import traceback; traceback.print_exc()
+            traceback.print_exc()
             print(f"{arch}: FAILED {failed[arch]}")
     # keep what earlier runs recorded
     for path in OUT.glob("*/hooks.json"):
