@@ -33,6 +33,7 @@ import torch.fx as fx
 from .graph import MATMUL_OPS, SOFTMAX_OPS, same_size, shape, val
 
 aten = torch.ops.aten
+RESIZE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 # decode steps vs the full graph, float32: rounding only (~1e-6 of the logits)
 DECODE_RTOL = 1e-4
@@ -66,6 +67,12 @@ def _scores_chain(softmax: fx.Node, act: set[fx.Node]) -> list[fx.Node]:
         n = ins[0]
     chain.append(n)
     return chain
+
+
+def _varies_with(size, seq) -> bool:
+    """Whether a (symbolic) size is a function of the sequence length (seq, 128 - seq, ...)."""
+    return isinstance(size, torch.SymInt) and isinstance(seq, torch.SymInt) \
+        and bool(seq.node.expr.free_symbols & size.node.expr.free_symbols)
 
 
 def _ints(args) -> list[int]:
@@ -132,6 +139,16 @@ def _build(model) -> Decoder:
         if softmax.op == "call_function" and softmax.target in SOFTMAX_OPS \
                 and softmax.args[1] not in (-1, val(softmax).dim() - 1):
             raise LookupError(f"{softmax.name} normalises over dim {softmax.args[1]}, not the last (keys)")
+        # a reshape of the scores or the pattern that names the key length as the sequence
+        # length infers it instead (the keys are the cached positions and the new ones)
+        pattern = [z.args[0]]
+        while pattern[-1] is not softmax and len(pattern[-1].all_input_nodes) == 1:
+            pattern.append(pattern[-1].all_input_nodes[0])
+        for n in chain + pattern:
+            if n.op == "call_function" and n.target in RESIZE_OPS and isinstance(n.args[1], (list, tuple)) \
+                    and n.args[1] and isinstance(n.args[1][-1], fx.Node) \
+                    and same_size(n.args[1][-1].meta.get("val"), seq):
+                n.args = (n.args[0], [*n.args[1][:-1], -1], *n.args[2:])
         # operands of the scores chain that vary with the positions
         links = set(chain)
         for n in chain:
@@ -139,10 +156,10 @@ def _build(model) -> Decoder:
                 [] if n is scores_mm else [a for a in n.args if isinstance(a, fx.Node) and a not in links]
             for a in ops:
                 s = shape(a)
-                if s is None or not any(same_size(d, seq) for d in s):
+                if s is None or not any(_varies_with(d, seq) for d in s):
                     continue  # a constant or a per-head scale: the same at every position
                 if a in act:
-                    if same_size(s[-1], seq):
+                    if _varies_with(s[-1], seq):
                         raise LookupError(f"the score term {a.name} of layer {layer} depends on activations "
                                           f"at every key position, which the decode graph does not recompute")
                     continue  # per query position: computed on the new positions as for the full graph
