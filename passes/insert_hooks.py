@@ -7,7 +7,8 @@ Rewrites x -> users   becomes   x -> hook(name) -> users
          blocks.0.hook_resid_post then blocks.1.hook_resid_pre; a site limited
          to some users, like hook_mlp_in, rewires only those edges).
 Requires site discovery.
-Invariant: every annotated site has exactly one HookPoint node in the graph.
+Invariant: every annotated site has exactly one HookPoint node in the graph, and
+         every HookPoint is called from one node (a site fires once per call).
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult
             if edge_users is None:
                 cur = h
             inserted += 1
-    # invariant: each site name appears on exactly one hook node
+    # invariant: each site name appears on exactly one hook node, and each HookPoint
+    # is called by one node (a site fires once per call, with one shape)
     names = [n.meta["fxlens.site"] for n in graph.nodes if "fxlens.site" in n.meta]
-    if len(names) != len(set(names)):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise PassError(NAME, f"sites hooked twice: {dup}")
+    calls = [n.target for n in graph.nodes if n.op == "call_module" and n.target.startswith(CONTAINER + ".")]
+    for what, seq in (("sites hooked twice", names), ("hook points called twice", calls)):
+        if len(seq) != len(set(seq)):
+            raise PassError(NAME, f"{what}: {sorted({n for n in seq if seq.count(n) > 1})}")
     graph.lint()
     gm.recompile()
     return PassResult(NAME, matched=inserted)

@@ -108,11 +108,12 @@ def _site_node(graph: fx.Graph, name: str) -> tuple[fx.Node, fx.Node, Layout]:
     return hook, src, layout
 
 
-def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
+def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """Apply the norm module `norm` to `x` by copying its nodes (its ops reduce over
-    the last dim, so a head axis passes through). The copies call the norm's own
-    hook points, so `ln1.hook_scale` / `hook_normalized` fire on each head's copy
-    ([batch, pos, head, 1] / [..., d_model]), as in TransformerLens's split-input mode."""
+    the last dim, so a head axis passes through). Returns the copy's output and its
+    calls of the norm's own hook points (`ln1.hook_scale` / `hook_normalized` on the
+    head axis, [batch, pos, head, 1] / [..., d_model]); `_one_call_per_hook` keeps
+    them only where the original norm no longer runs."""
     # the norm's own nodes, not copies made for another role
     nodes = [n for n in graph.nodes if norm in module_paths(n) and n.meta.get("fxlens.created_by") != NAME]
     inner = set(nodes)
@@ -121,12 +122,13 @@ def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
         for a in n.all_input_nodes:
             if a not in inner and a.op != "get_attr" and a not in env and shape(a) and len(shape(a)) >= 2:
                 env[a] = x
-    last = None
+    last, hooks = None, []
     for n in nodes:
         if n.op == "call_module":
             env[n] = graph.call_module(n.target, (env[n.args[0]],) + tuple(n.args[1:]))
             env[n].meta["nn_module_stack"] = dict(n.meta.get("nn_module_stack", {}))
             env[n].meta["fxlens.site_copy"] = n.meta.get("fxlens.site")
+            hooks.append(env[n])
         else:
             env[n] = graph.node_copy(n, lambda a: env.get(a, a))
             env[n].meta.pop("fxlens.sites", None)
@@ -134,7 +136,24 @@ def _copy_norm(graph: fx.Graph, norm: str, x: fx.Node) -> fx.Node:
         env[n].meta["fxlens.created_by"] = NAME
         last = n
     out = output_node(nodes) or last
-    return env[out]
+    return env[out], hooks
+
+
+def _one_call_per_hook(graph: fx.Graph, copied: list[fx.Node]) -> None:
+    """A site fires once per call with one shape. The norm copies of split inputs call
+    the norm's hook points; where the original norm still runs (it feeds the other
+    projections, or a parallel MLP), its hooks stay there ([batch, pos, 1]) and the
+    copies' calls go. Where it no longer runs (hook_attn_in: one shared copy; or the
+    last of q/k/v split), the copy made now keeps them, with the head axis, as
+    TransformerLens's split-input mode shows them."""
+    mine = set(copied)
+    elsewhere = {n.target for n in graph.nodes if n.op == "call_module" and n not in mine}
+    for n in copied:
+        if n.target in elsewhere:
+            n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
+        else:                               # the site's one hook node now
+            n.meta["fxlens.site"] = n.meta["fxlens.site_copy"]
 
 
 def _buffer(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
@@ -159,22 +178,21 @@ def _split_inputs(gm: fx.GraphModule, spec, maps, layer: int, short: str) -> Non
     # the shared input of hook_attn_in must come before the first of the three sites
     roles = sorted(roles, key=lambda r: order[_site_node(graph, f"blocks.{layer}.attn.hook_{r}")[1]])
     resid, _, _ = _site_node(graph, f"blocks.{layer}.hook_resid_pre")
-    x_shared = None
+    x_ln, copied = None, []
     for role in roles:
         lin, cols = maps.get(role, f"blocks.{layer}.{short}")   # cols [head, d_head] of the projection's output
         hook, site, layout = _site_node(graph, f"blocks.{layer}.attn.hook_{role}")
         heads = cols.shape[0]
         with graph.inserting_before(site):
-            if x_shared is None or short != "hook_attn_in":
+            if x_ln is None or short != "hook_attn_in":     # hook_attn_in: one input (and norm) for q, k, v
                 # [b, s, m] -> [b, s, head, m]: each head reads its own copy
                 x = graph.call_function(aten.expand.default,
                                         (graph.call_function(aten.unsqueeze.default, (resid, 2)), [-1, -1, heads, -1]))
                 x.meta["val"] = resid.meta["val"].unsqueeze(2).expand(-1, -1, heads, -1)
                 site_name = f"blocks.{layer}.{short}"
                 _annotate(x, site_name)
-                x_shared = x
-            x = x_shared
-            x_ln = _copy_norm(graph, b.ln1, x) if b.ln1 else x
+                x_ln, hooks = _copy_norm(graph, b.ln1, x) if b.ln1 else (x, [])
+                copied += hooks
             parts = lin.parts
             w = parts.w if parts.out_in else graph.call_function(aten.t.default, (parts.w,))
             y = graph.call_function(aten.linear.default, (x_ln, w, parts.b))       # [b, s, head, out]
@@ -190,6 +208,7 @@ def _split_inputs(gm: fx.GraphModule, spec, maps, layer: int, short: str) -> Non
         back.meta["val"] = site.meta.get("val")
         hook.replace_input_with(site, back)
     graph.eliminate_dead_code()
+    _one_call_per_hook(graph, copied)
 
 
 def materialise_opt_in(gm: fx.GraphModule, spec, name: str, maps=None) -> PassResult:

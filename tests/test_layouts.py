@@ -9,6 +9,8 @@ tensor's size; COMPILED_RTOL = 1e-4 as for the oracle).
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from conftest import rel_err
@@ -18,6 +20,12 @@ import fxlens
 from fxlens.compiled import COMPILED_RTOL, build_variant
 
 def _check_every_site(model, toks):
+    # each site fires once per call, with one shape
+    calls = collections.defaultdict(list)
+    model.run_with_hooks(toks, fwd_hooks=[(n, lambda x, hook: calls[hook.name].append(tuple(x.shape)))
+                                          for n in model.hook_names])
+    assert {n: len(calls[n]) for n in model.hook_names if len(calls[n]) != 1} == {}, \
+        {n: calls[n] for n in model.hook_names if len(calls[n]) != 1}
     with torch.no_grad():
         want_logits, want = model.run_with_cache(toks)
         for segmented in (False, True):
@@ -34,3 +42,18 @@ def _check_every_site(model, toks):
 def test_variant_cache_equals_eager_tiny(arch):
     model = fxlens.from_pretrained_no_processing(tiny_model(arch))
     _check_every_site(model, torch.randint(7, 250, (2, 5), generator=torch.Generator().manual_seed(0)))
+
+
+def test_variant_cache_equals_eager_with_opt_in_sites():
+    """Split q input in layer 0 (ln1 still runs for k and v: its hooks stay there,
+    [b, s, 1], and the per-head copy's calls go), one attention input in layer 1
+    (the shared copy replaces ln1 and carries its hooks, [b, s, head, 1])."""
+    model = fxlens.from_pretrained_no_processing(tiny_model("gpt2"))
+    toks = torch.randint(7, 250, (2, 5), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(toks, names_filter=["blocks.0.hook_q_input", "blocks.1.hook_attn_in",
+                                                        "blocks.0.attn.hook_result", "blocks.1.hook_mlp_in"])
+    assert cache["blocks.0.hook_q_input"].shape == (2, 5, 4, 64)
+    _, cache = model.run_with_cache(toks, names_filter=lambda n: "ln1.hook_scale" in n)
+    assert cache["blocks.0.ln1.hook_scale"].shape == (2, 5, 1)
+    assert cache["blocks.1.ln1.hook_scale"].shape == (2, 5, 4, 1)
+    _check_every_site(model, toks)
