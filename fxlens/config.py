@@ -40,6 +40,11 @@ class FxlensConfig:
     use_hook_mlp_in: bool = False
     use_attn_in: bool = False
     num_experts: int | None = None
+    experts_per_token: int | None = None
+    use_qk_norm: bool = False
+    rotary_base: float = 10000.0
+    attn_scores_soft_cap: float = -1.0        # TransformerLens: -1 = no soft cap
+    output_logits_soft_cap: float = -1.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -65,6 +70,10 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
         factor = factor or _first(hf_config, "partial_rotary_factor", "rotary_pct")
         rotary_dim = _first(hf_config, "rotary_dim") or (int(b0.d_head * factor) if factor else b0.d_head)
     eps = _first(hf_config, "layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "norm_eps")
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:     # per layer type (Gemma 3): the global one
+        rope = rope["full_attention"] or {}
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or _first(hf_config, "rope_theta")
     archs = getattr(hf_config, "architectures", None)
     return FxlensConfig(
         n_layers=spec.n_layers, d_model=spec.d_model, n_ctx=n_ctx, d_head=b0.d_head,
@@ -79,4 +88,9 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
         eps=eps, original_architecture=arch or (archs[0] if archs else type(hf_config).__name__),
         model_name=name, final_rms=spec.ln_final is not None and spec.norm_kinds.get(spec.ln_final) == "RMS",
         dtype=dtype, device=str(device), num_experts=_first(hf_config, "num_local_experts", "num_experts") if b0.moe else None,
+        experts_per_token=_first(hf_config, "num_experts_per_tok") if b0.moe else None,
+        use_qk_norm=any(".attn.q_norm." in n or ".attn.k_norm." in n for n in spec.sites),
+        rotary_base=float(theta) if b0.rotary and theta else 10000.0,
+        attn_scores_soft_cap=float(_first(hf_config, "attn_logit_softcapping") or -1.0),
+        output_logits_soft_cap=float(_first(hf_config, "final_logit_softcapping") or -1.0),
     )

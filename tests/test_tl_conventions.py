@@ -177,3 +177,26 @@ def test_hook_names_are_transformerlens_names(arch):
         got = _model(arch, mode).hook_names
         assert set(got) == set(want), (mode, sorted(set(got) ^ set(want)))
         assert (got == want) == (arch not in ORDER_GAPS), mode
+
+
+CFG_FIELDS = ["n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_key_value_heads",
+              "normalization_type", "positional_embedding_type", "rotary_dim", "rotary_base",
+              "parallel_attn_mlp", "gated_mlp", "use_normalization_before_and_after", "use_qk_norm",
+              "act_fn", "eps", "n_ctx", "num_experts", "experts_per_token", "attn_scores_soft_cap",
+              "output_logits_soft_cap", "original_architecture"]
+# arch -> {field: why fxlens differs from TL 3.9}
+CFG_GAPS = {
+    "qwen3": {"n_ctx": "TL caps Qwen3 at 2048 whatever the checkpoint says; fxlens reads the checkpoint (128)"},
+    "olmo": {"eps": "OLMo's config names no eps (its LayerNorm fixes 1e-5); fxlens reads eps from the config"},
+    "olmo2": {"use_qk_norm": "TL keys OLMo 2's q/k norms off the architecture name and leaves the flag False"},
+    "mixtral": {"d_mlp": "experts not mapped yet", "gated_mlp": "experts not mapped yet"},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cfg_is_transformerlens_cfg(arch):
+    for mode in ("raw", "processed"):
+        tl_cfg = json.loads((REF / arch / "hooks.json").read_text())["modes"][mode]["cfg"]
+        cfg = _model(arch, mode).cfg
+        differ = {f for f in CFG_FIELDS if getattr(cfg, f) != tl_cfg[f]}
+        assert differ == set(CFG_GAPS.get(arch, {})), {f: (getattr(cfg, f), tl_cfg[f]) for f in differ}
