@@ -299,18 +299,30 @@ def machine() -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="tiny,gpt2-small,smollm2")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=10)
+    run_models(arguments(__doc__, "tiny,gpt2-small,smollm2", 4, 128, 10).parse_args(argv), bench_model, table)
+
+
+def arguments(doc: str, models: str, batch: int, seq: int, reps: int) -> argparse.ArgumentParser:
+    """The options `run_models` reads, with these defaults."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--models", default=models)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--seq", type=int, default=seq)
+    ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (0: torch's default); 1 is steadier on a shared machine")
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     ap.add_argument("--warm-inductor-cache", action="store_true",
                     help="reuse inductor's on-disk cache (compile times then measure cache hits)")
     ap.add_argument("--json", help="also write the raw numbers here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_models(args, bench_one, table_of) -> list:
+    """The shared driver: a cold inductor cache unless --warm-inductor-cache, the
+    thread count, the command and machine printed; then each of --models timed
+    with `bench_one(which, batch, seq, reps, with_tl)`, its table printed, and
+    everything written to --json."""
     if not args.warm_inductor_cache:
         _fresh_inductor_cache()
     warnings.filterwarnings("ignore")
@@ -322,12 +334,13 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}\n")
     results = []
     for which in args.models.split(","):
-        r = bench_model(which, args.batch, args.seq, args.reps, not args.no_tl)
+        r = bench_one(which, args.batch, args.seq, args.reps, not args.no_tl)
         results.append(r)
-        print(table(r) + "\n", flush=True)
+        print(table_of(r) + "\n", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args),
                                                "results": results}, indent=1, default=str))
+    return results
 
 
 if __name__ == "__main__":
