@@ -95,10 +95,15 @@ def own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def n_ctx_of(config) -> int:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+    keys = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "max_seq_len",
+            "seq_length")
+    for key in keys:
         v = getattr(config, key, None)
         if isinstance(v, int) and v > 0:
             return v
+    warnings.warn(f"the config names no context length (none of {', '.join(keys)}); fxlens assumes "
+                  f"n_ctx=2048 (inputs longer than the model was trained on are not refused)",
+                  stacklevel=3)
     return 2048
 
 

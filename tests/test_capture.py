@@ -40,3 +40,16 @@ def test_in_memory_model_and_a_folder_give_the_same_graph():
     assert torch.equal(from_folder(tokens), from_object(tokens))
     assert from_folder.hook_names == from_object.hook_names
     assert from_object.tokenizer is not None  # found beside the weights (name_or_path)
+
+
+def test_n_ctx_is_read_from_every_field_name_or_the_default_is_said():
+    import warnings
+    from transformers import MptConfig, PretrainedConfig
+
+    from fxlens.capture import n_ctx_of
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert n_ctx_of(MptConfig(max_seq_len=128)) == 128     # MPT's name for it
+    with pytest.warns(UserWarning, match="names no context length.*assumes n_ctx=2048"):
+        assert n_ctx_of(PretrainedConfig()) == 2048
