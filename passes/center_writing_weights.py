@@ -8,13 +8,20 @@ Rewrites  W_E -> W_E - mean_d(W_E); W_pos likewise;
           removes the mean anyway, so outputs are unchanged.
 Requires  discover_sites; only for LayerNorm models (as TransformerLens), and
           only where the writer reaches the residual add through layout ops
-          (a post-norm in between would not commute).
+          (a post-norm in between would not commute); an embedding only where its
+          output reaches the stream's first norm through ops that commute with
+          removing the mean (layout, adds, scalar scales): one mixed by a linear
+          first (RoCBert's map_inputs_layer) is skipped with the op named.
 Invariant every rewritten writer's output has mean ~0 over d_model.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.fx as fx
+
 from fxlens.errors import PassError
+from fxlens.graph import is_layout, is_scalar_scale, module_paths
 from fxlens.params import Linear, get_tensor, set_param
 from fxlens.passes_base import PassResult
 
@@ -25,6 +32,30 @@ def _center_embedding(gm, node, log) -> None:
     w_node = node.args[0]
     w = get_tensor(gm, w_node.target)
     set_param(gm, w_node, node, w - w.mean(-1, keepdim=True), NAME, log)
+
+
+_ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
+
+
+def _mean_breaking_op(spec, node: fx.Node) -> fx.Node | None:
+    """The first op between `node` (an embedding) and the residual stream's readers
+    that does not commute with subtracting the mean over d_model (a linear mixing
+    the embedding, a concatenation), or None. The walk stops at norms and at the
+    stream entering block 0, from where each block's writers are checked."""
+    norms = set(spec.norm_kinds)
+    stop = {spec.blocks[0].resid_pre} if spec.blocks else set()
+    todo, seen = list(node.users), set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in stop:
+            continue
+        seen.add(n)
+        if norms & set(module_paths(n)):
+            continue
+        if not (n.op == "call_module" or is_layout(n) or is_scalar_scale(n) or n.target in _ADDS):
+            return n
+        todo.extend(n.users)
+    return None
 
 
 def _center_linear(gm, node, log) -> None:
@@ -39,9 +70,15 @@ def center_writing_weights(gm, spec, log) -> PassResult:
         return PassResult(NAME, matched=0, skipped=(reason,))
     skipped, n = [], 0
     for node in (spec.embed, spec.pos_embed):
-        if node is not None:
-            _center_embedding(gm, node, log)
-            n += 1
+        if node is None:
+            continue
+        op = _mean_breaking_op(spec, node)
+        if op is not None:
+            skipped.append(f"{node.name}: the embedding reaches the residual stream through {op.name} "
+                           f"({op.target}), which does not commute with removing its mean; left as it is")
+            continue
+        _center_embedding(gm, node, log)
+        n += 1
     for b in spec.blocks:
         if b.ln1_post is None:
             _center_linear(gm, b.o_proj, log)

@@ -8,7 +8,10 @@ Rewrites  b_V -> 0, b_O -> b_O + sum_h b_V[kv(h)] @ W_O[h]. Attention patterns
           Under GQA head h reads kv head h // (n_heads / n_kv_heads).
 Requires  discover_sites (and fold_ln first, if it runs, as TransformerLens).
 Skips     (with the reason in the log) a block whose v or z reaches its projection
-          through an op that computes with the values (BitNet's sub-norm, a gate).
+          through an op that computes with the values (BitNet's sub-norm, a gate),
+          and a block whose pattern@V operand is not the softmax itself (through
+          layout ops, over the same keys): GPT-OSS's attention sinks take a softmax
+          over keys + a sink column and drop the sink, so rows sum to less than 1.
 Invariant the value columns of the projection's bias are zero.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fxlens.errors import PassError
+from fxlens.graph import SOFTMAX_OPS, is_layout, same_size, shape, walk_back
 from fxlens.params import Linear
 from fxlens.passes_base import PassResult
 from fxlens.weights import w_o
@@ -24,9 +28,28 @@ from fxlens.weights import w_o
 NAME = "fold_value_biases"
 
 
+def _pattern_not_stochastic(z) -> str | None:
+    """Why the operand multiplying V in `z` (pattern @ V) may have rows that do not
+    sum to 1, or None when it is a softmax over exactly those keys."""
+    chain = walk_back(z.args[0], lambda n: n.op == "call_module" or is_layout(n))
+    soft = chain[-1]
+    if soft.target not in SOFTMAX_OPS:
+        return f"the pattern reaches pattern@V through {soft.name} ({soft.target}), not a softmax"
+    keys, over = shape(z.args[0])[-1], shape(soft)[-1]
+    if not same_size(keys, over) or soft.args[1] not in (-1, len(shape(soft)) - 1):
+        return (f"the softmax {soft.name} runs over {over} entries but pattern@V reads {keys} keys "
+                f"(an attention sink): its rows do not sum to 1")
+    return None
+
+
 def fold_value_biases(gm, spec, log, maps) -> PassResult:
     n, skipped = 0, []
     for b, m in zip(spec.blocks, maps):
+        why = _pattern_not_stochastic(b.z)
+        if why is not None:
+            if Linear(b.qkv["v"][1]).bias(gm) is not None:
+                skipped.append(f"block {b.layer}: {why}; the value bias is left as it is")
+            continue
         if m.v is None or m.o is None:
             # v or z reaches its projection through a value-computing op (a norm, a gate):
             # b_V @ W_O is then not the same at every position, so nothing folds
