@@ -11,7 +11,7 @@ from .capture import Captured, capture, checkpoint_kind
 from .config import make_config
 from .encoder import EncoderCaptured, HookedEncoder, build_encoder, capture_encoder, warn_processing_skipped
 from .errors import (CaptureError, ContextLengthError, FxlensError, HookReturnError, InputError, PassError,
-                     HarvestError, NotApplicableError, ProcessingError, SAEError, SelfCheckError,
+                     HarvestError, NotApplicableError, PaddingError, ProcessingError, SAEError, SelfCheckError,
                      UnknownHookError, UnmappableModelError)
 from .harvesting import harvest
 from .model import HookedModel
@@ -23,7 +23,7 @@ __all__ = ["capture", "Captured", "from_pretrained", "from_pretrained_no_process
            "encoder_from_pretrained_no_processing", "capture_encoder", "EncoderCaptured", "HookedEncoder",
            "act_name", "FxlensError", "CaptureError", "UnmappableModelError", "UnknownHookError",
            "HookReturnError", "ContextLengthError", "HarvestError", "harvest", "SelfCheckError", "ProcessingError", "PassError",
-           "InputError", "NotApplicableError", "SAEError"]
+           "InputError", "NotApplicableError", "PaddingError", "SAEError"]
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
                     "refactor_factored_attn_matrices")

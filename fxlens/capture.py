@@ -39,12 +39,13 @@ class Captured:
     placed = False   # True where parameters sit on a device map's devices (fxlens.placement)
 
     def graph_module(self, own: bool = True) -> fx.GraphModule:
-        """A fresh graph taking `input_ids` [batch, pos] -> logits [batch, pos, vocab].
+        """A fresh graph taking `(input_ids [batch, pos], attention_mask [batch, pos]
+        = None)` -> logits [batch, pos, vocab] (see `decoder_graph`).
         `own=True` (the default) gives it its own copies of the parameters and
         buffers, so no two models built from this capture, nor the HF model,
         share storage; `own=False` shares them (fxlens uses it only when nobody
         else can reach the HF model)."""
-        gm = _compat.plain_graph_module(self.program.module())
+        gm = decoder_graph(self.program)
         if self.info is not None:
             gm.meta["fxlens.capture"] = str(self.info)   # dumps show how it was captured
         return own_tensors(gm) if own else gm
@@ -64,6 +65,45 @@ class Captured:
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The original model's logits, for the load-time self-check."""
         return self.hf_model(input_ids.to(self.device), use_cache=False).logits
+
+
+MASK_INPUT = "attention_mask"
+POSITIONS = "fxlens.position_ids"     # meta["custom"] tag of the position ids computed from the mask
+
+
+def mask_or_ones(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The graph's attention mask: the one given, or all ones (no padding)."""
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
+
+def decoder_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The exported program as a plain GraphModule with the signature
+    `(input_ids, attention_mask=None)`: the mask placeholder (where the model
+    was exported with one) gets the default None, and its readers read
+    `mask_or_ones(input_ids, attention_mask)`, so callers that pass token ids
+    only (self-checks, harvests, the KV decoder) run the unpadded graph."""
+    gm = _compat.plain_graph_module(program.module())
+    graph = gm.graph
+    mask = next((n for n in graph.nodes if n.op == "placeholder" and n.target == MASK_INPUT), None)
+    if mask is None:
+        return gm
+    ids = next(n for n in graph.nodes if n.op == "placeholder")
+    for u in list(mask.users):
+        if u.target is torch.ops.aten.sym_size.int:
+            u.replace_input_with(mask, ids)               # [batch, pos] like input_ids
+    mask.args = (None,)                                   # default value: `attention_mask=None`
+    with graph.inserting_after(mask):
+        full = graph.call_function(mask_or_ones, (ids, mask))
+    full.meta["val"] = mask.meta.get("val")
+    mask.replace_all_uses_with(full, delete_user_cb=lambda u: u is not full)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def has_mask_input(gm: fx.GraphModule) -> bool:
+    """Whether the graph takes an attention mask (the HF forward names `attention_mask`)."""
+    return any(n.op == "placeholder" and n.target == MASK_INPUT for n in gm.graph.nodes)
 
 
 def own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
@@ -250,19 +290,52 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
+def _forward_params(model) -> dict:
+    import inspect
+    return dict(inspect.signature(model.forward).parameters)
+
+
 def _export_call(model):
     """(name of the forward's token argument, kwargs, their dynamic-shape spec).
     `use_cache=False` is passed only where the forward names it: torch.export
     keys the spec by signature, and a forward taking it through **kwargs reads
     `config.use_cache` instead (which `export_graph` turns off)."""
-    import inspect
-    params = inspect.signature(model.forward).parameters
+    params = _forward_params(model)
     positional = [n for n, p in params.items()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     name = "input_ids" if "input_ids" in params else (positional[0] if positional else "input_ids")
     if "use_cache" in params:
         return name, {"use_cache": False}, {"use_cache": None}
     return name, {}, {}
+
+
+@contextlib.contextmanager
+def _positions_from_mask(model):
+    """While exporting, `position_ids` (where the forward takes them and the
+    caller passes none) are computed from the attention mask:
+
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)     # [batch, pos]
+
+    so a left-padded row gets the positions 0, 1, ... at its real tokens, as
+    the same prompt run alone (HF itself counts from 0 at the first column).
+    The nodes are tagged `meta["custom"][POSITIONS]` (the KV decoder shifts
+    them). Yields whether positions come from the mask."""
+    if "position_ids" not in _forward_params(model):
+        yield False
+        return
+
+    def pre_hook(module, args, kwargs):
+        mask = kwargs.get(MASK_INPUT)
+        if mask is not None and kwargs.get("position_ids") is None:
+            with torch.fx.traceback.preserve_node_meta(), torch.fx.traceback.annotate({POSITIONS: True}):
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -292,7 +365,9 @@ def _range_of(ep, size) -> tuple:
 
 
 def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None):
-    """Export `model(input_ids, use_cache=False)` with dynamic batch and sequence.
+    """Export `model(input_ids, attention_mask, use_cache=False)` with dynamic
+    batch and sequence (the mask where the forward takes one; position ids
+    computed from it where the forward takes those, `_positions_from_mask`).
 
     Falls back in steps when torch.export cannot keep the sequence length fully
     dynamic: named Dims, then `Dim.DYNAMIC` and `Dim.AUTO` for the sequence
@@ -305,6 +380,7 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
     probe = torch.randint(0, vocab, (batch or 2, length), generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(model.parameters()).device)
     name, kwargs, kw_dims = _export_call(model)
+    with_mask = MASK_INPUT in _forward_params(model) and name != MASK_INPUT
     seq_max = max(2, n_ctx)
     steps = [("dims", {0: batch_dim, 1: seq}),
              ("dynamic", {0: batch_dim, 1: torch.export.Dim.DYNAMIC(min=1, max=seq_max)}),
@@ -313,14 +389,18 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
     if seq_len is not None:
         steps = [("per-length", {} if batch else steps[-1][1])]
     attempts = []
-    for method, dims in steps:
+    # each step with the mask as an input first; without it (padding then refused) where that fails
+    tries = [(m, d, masked) for m, d in steps for masked in ((True, False) if with_mask else (False,))]
+    for method, dims, masked in tries:
+        inputs, shapes = {name: probe, **kwargs}, {name: dims, **kw_dims}
+        if masked:   # the mask is a graph input, [batch, pos] like the ids
+            inputs[MASK_INPUT], shapes[MASK_INPUT] = torch.ones_like(probe), dims
         try:
-            with torch.no_grad(), _no_cache_config(model):
-                ep = torch.export.export(model, (), kwargs={name: probe, **kwargs},
-                                         dynamic_shapes={name: dims, **kw_dims},
-                                         strict=False)
+            with torch.no_grad(), _no_cache_config(model), \
+                    (_positions_from_mask(model) if masked else contextlib.nullcontext()):
+                ep = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
-            attempts.append((method, _first_line(exc)))
+            attempts.append((method + (" with the mask" if masked else ""), _first_line(exc)))
             continue
         ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
             if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None

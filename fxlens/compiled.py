@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .capture import has_mask_input
 from .names import canonical_order
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
@@ -157,6 +158,7 @@ class Variant:
     eager: dict = field(default_factory=dict)   # traced: hook-function ids -> why they run eagerly
     segmented: bool = False          # hooks run in Python between compiled segments
     segments: tuple = ()             # segmented: the CompiledSegments this variant calls
+    takes_mask: bool = False         # the graph has an attention-mask input
 
     @property
     def fused(self) -> int:
@@ -269,7 +271,7 @@ class CompiledRunner:
             gm, results = build_variant(self.model, ordered, hooked, self.fuse_attention,
                                         segmented=segmented)
             v = Variant(key=key, cached=ordered, hooked=tuple(hooked), gm=gm, results=results,
-                        segmented=segmented)
+                        segmented=segmented, takes_mask=has_mask_input(gm))
             if segmented:
                 v.segments = tuple(self._use_compiled_segments(gm))
                 v.fn = gm
@@ -329,7 +331,11 @@ class CompiledRunner:
         return inductor
 
     # --- running ------------------------------------------------------------------
-    def run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
+    def run(self, tokens: torch.Tensor, cache_names=(), mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, dict]:
+        """`mask`: the attention mask input of the graph (None: no padding). The
+        compiled graph is always given one (all ones for None): padded and
+        unpadded calls share one compiled graph."""
         model = self.model
         # sites with hooks (a backward hook is registered by its HookPoint as it runs: it cuts
         # the graph too) or an SAE (fxlens.saes)
@@ -337,16 +343,18 @@ class CompiledRunner:
         v = self.variant(cache_names, hooked)
         before = self.compilations
         start = time.perf_counter()
+        # the graph always gets a mask (all ones for None): padded and unpadded calls share it
+        args = (tokens, torch.ones_like(tokens) if mask is None else mask) if v.takes_mask else (tokens,)
         if v.segmented:
-            outs = v.fn(tokens)     # hooks run in Python between the compiled segments
+            outs = v.fn(*args)     # hooks run in Python between the compiled segments
         else:
             fns = self._hook_ids(hooked)
             if fns in v.eager:
-                return model._run_eager(tokens, cache_names)
+                return model._run_eager(tokens, cache_names, mask)
             try:
-                outs = v.fn(tokens)
+                outs = v.fn(*args)
             except Exception as exc:  # dynamo could not trace it: run the same call eagerly
-                logits, store = model._run_eager(tokens, cache_names)   # a real error raises here
+                logits, store = model._run_eager(tokens, cache_names, mask)   # a real error raises here
                 self._fall_back(v, fns, hooked, exc)
                 return logits, store
         if self.compilations != before:

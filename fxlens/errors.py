@@ -64,6 +64,10 @@ class WeightEditError(FxlensError):
     """An edit of a weight view cannot be written back to the model's parameters exactly."""
 
 
+class PaddingError(FxlensError, ValueError):
+    """A padded batch (an attention mask with zeros) this model cannot run exactly."""
+
+
 class InputError(FxlensError, ValueError):
     """Input a model call cannot take: token ids of the wrong shape, an empty
     batch, a names_filter that matches no hook."""

@@ -4,14 +4,15 @@ With `use_past_kv_cache=True` (the default, as TransformerLens) each step runs
 the decode graph of `fxlens.kv_cache` on the new token against cached keys and
 values; the prompt is fed one token at a time through it, so hooks see one
 position per step (`[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`).
-A model whose decode graph fails its load check (OPT computes positions from
-its mask) falls back, with one warning, to the path `use_past_kv_cache=False`
+A model whose decode graph fails its load check (a sliding window shorter than
+the probe) falls back, with one warning, to the path `use_past_kv_cache=False`
 always takes: `self.forward` on the whole sequence so far each step (a compiled
 model reuses one compiled graph, its sequence length being dynamic), hooks
-seeing `[batch, pos_so_far, ...]`. The captured graph has no attention-mask input, so:
-* prompts of different lengths are never padded into one batch (the pad tokens
-  would be attended to): rows of equal length run together, each group on its
-  own, and the results are assembled into one padded answer.
+seeing `[batch, pos_so_far, ...]`. The decode graph takes no attention mask,
+so prompts of different lengths (a list of texts, or token rows with an
+`attention_mask`) are never padded into one batch: rows of equal length run
+together, each group on its own (with the KV cache), and the results are
+assembled into one padded answer; each row is exactly its own generation.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class GenerateMixin:
                  top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
                  freq_penalty: float = 0.0, use_past_kv_cache: bool = True,
                  prepend_bos: bool | None = None, padding_side: str | None = None,
-                 return_type: str | None = "input", verbose: bool = True, *, fwd_hooks=()):
+                 return_type: str | None = "input", verbose: bool = True, *, fwd_hooks=(),
+                 attention_mask: torch.Tensor | None = None):
         """Sample up to `max_new_tokens` tokens, TransformerLens's `generate`.
 
         `input`: a string, a list of strings, or token ids [batch, pos] (or [pos]).
@@ -103,7 +105,8 @@ class GenerateMixin:
           what it would be alone. Tokens returned for such a list are padded on
           `padding_side`: left gives `[pad.., prompt, new]` (as TransformerLens),
           right gives `[prompt, new, pad..]`. A token tensor is used as given
-          (every row is a whole prompt).
+          (every row is a whole prompt), or with `attention_mask` [batch, pos]
+          each row's unmasked tokens are its prompt (padding on either side).
         - embeddings in or out (`return_type="embeds"`) are not supported.
         """
         if return_type not in RETURN_TYPES:
@@ -111,7 +114,7 @@ class GenerateMixin:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens}; it must be >= 0")
         decoder = self._kv_decoder() if use_past_kv_cache else None
-        rows, input_type, squeeze = self._generation_rows(input, prepend_bos)
+        rows, input_type, squeeze = self._generation_rows(input, prepend_bos, attention_mask)
         if return_type == "input":
             return_type = "str" if input_type == "str" else "tokens"
         if return_type == "embeds":
@@ -153,10 +156,14 @@ class GenerateMixin:
         return tokens[0] if squeeze else tokens
 
     # --- helpers --------------------------------------------------------------------
-    def _generation_rows(self, input, prepend_bos) -> tuple[list[torch.Tensor], str, bool]:
+    def _generation_rows(self, input, prepend_bos, attention_mask=None) -> tuple[list[torch.Tensor], str, bool]:
         """The prompts as a list of [1, pos_i] id tensors (text is tokenized row by
-        row, so no row carries padding), the input's kind, and whether the input
-        was one 1-D token sequence."""
+        row, and a token tensor's padding is dropped by `attention_mask`, so no
+        row carries padding), the input's kind, and whether the input was one
+        1-D token sequence."""
+        if attention_mask is not None and not isinstance(input, torch.Tensor):
+            raise ValueError("generate: attention_mask goes with token ids; texts are tokenized "
+                             "row by row and carry no padding")
         if isinstance(input, str):
             return [self.to_tokens(input, prepend_bos=prepend_bos)], "str", False
         if isinstance(input, (list, tuple)) and input and all(isinstance(s, str) for s in input):
@@ -170,7 +177,18 @@ class GenerateMixin:
                                  f"{tuple(input.shape)}")
             tokens = input.unsqueeze(0) if input.dim() == 1 else input
             tokens = tokens.to(self.cfg.device, torch.long)
-            return list(tokens.split(1)), "tokens", input.dim() == 1
+            if attention_mask is None:
+                return list(tokens.split(1)), "tokens", input.dim() == 1
+            mask = torch.as_tensor(attention_mask, device=tokens.device)
+            mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+            if mask.shape != tokens.shape:
+                raise ValueError(f"generate: attention_mask has shape {tuple(mask.shape)}; the tokens "
+                                 f"are {tuple(tokens.shape)}")
+            rows = [t[m != 0][None] for t, m in zip(tokens, mask)]
+            if any(r.shape[-1] == 0 for r in rows):
+                raise ValueError("generate: a row of attention_mask masks every token; each prompt "
+                                 "needs at least one")
+            return rows, "tokens", input.dim() == 1
         raise TypeError(f"generate: input must be a string, a list of strings or token ids, not "
                         f"{type(input).__name__}")
 

@@ -76,6 +76,10 @@ class Layout:
         return x
 
     def _from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scores" and y.is_floating_point():
+            # -inf (masked) back to the dtype's minimum: a row masked throughout (a
+            # pad query) then softmaxes to finite values instead of NaN
+            return y.clamp_min(torch.finfo(y.dtype).min)
         if self.kind == "bhsd":
             return y.transpose(1, 2)
         if self.kind == "flat":

@@ -30,6 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .capture import MASK_INPUT, POSITIONS
 from .graph import MATMUL_OPS, SOFTMAX_OPS, same_size, shape, val
 
 aten = torch.ops.aten
@@ -124,6 +125,11 @@ def _build(model) -> Decoder:
     src_ids = next(n for n in src.graph.nodes if n.op == "placeholder")
     ids = env[src_ids]
     batch, seq = shape(ids)
+    # the decode graph takes no attention mask (unpadded rows): its readers get None (all ones)
+    for mask in [n for n in graph.nodes if n.op == "placeholder" and n.target == MASK_INPUT]:
+        for user in list(mask.users):
+            user.replace_input_with(mask, None)
+        graph.erase_node(mask)
     with graph.inserting_after(ids):
         offset = graph.placeholder("position_offset")
     with graph.inserting_after(offset):
@@ -178,6 +184,12 @@ def _build(model) -> Decoder:
             pasts.append(past)
             cats.append(cat)
             kv_shapes.append(["b" if same_size(d, batch) else "s" if same_size(d, seq) else int(d) for d in s])
+    # positions computed from the mask (fxlens.capture) start at the offset too
+    for n in [n for n in graph.nodes if n.meta.get("custom", {}).get(POSITIONS)]:
+        if not any(u.meta.get("custom", {}).get(POSITIONS) for u in n.users):
+            with graph.inserting_after(n):
+                shifted = graph.call_function(aten.add.Tensor, (n, offset))
+            n.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
     # positions: every arange over the sequence starts at the offset
     for n in list(graph.nodes):
         if n.op == "call_function" and n.target in (aten.arange.default, aten.arange.start) \

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .cache import ActivationCache
-from .errors import ContextLengthError, FxlensError, InputError, NotApplicableError, UnknownHookError
+from .capture import has_mask_input
+from .errors import ContextLengthError, FxlensError, InputError, NotApplicableError, PaddingError, UnknownHookError
 from .analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
 from .generate import GenerateMixin
 from .hook_points import HookPoint
@@ -19,6 +20,13 @@ from .tl_surface import TransformerLensMixin, slice_positions
 from .weights import WeightsMixin
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+# A padded row against its own run, float32: the same ops on the same values
+# except reductions over a longer (masked) key axis and batched matmuls, ~1e-6
+# of the logits; 1e-4 of the largest logit separates that from shifted positions
+# or attended pads (which move logits by O(1)).
+PADDING_RTOL = 1e-4
+RIGHT_INSTEAD = ", or pad on the right (padding_side='right')"
 
 
 class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, WeightsMixin, nn.Module):
@@ -41,6 +49,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         self.capture_info = None    # how torch.export captured the model (fxlens.capture.CaptureInfo)
         self._graph_at = None       # (batch, seq) -> (graph, CaptureInfo): the per-length fallback
         self._length_graphs: dict = {}
+        self._padding_probe: dict = {}   # (graph version, side) -> "" or why that padding is refused
         self._refresh_hook_dict()
 
     # --- hook bookkeeping ---------------------------------------------------------
@@ -209,30 +218,37 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         self._length_graphs.setdefault(key, []).append((gm.to(tokens.device), info))
         return gm
 
-    def _run(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
-        """Logits, and {name: activation in TransformerLens layout} for `cache_names`."""
+    def _run(self, tokens: torch.Tensor, cache_names=(), mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict]:
+        """Logits, and {name: activation in TransformerLens layout} for `cache_names`.
+        `mask` [batch, pos] (checked by `_padding_mask`; None: no padding)."""
         if self._compiled is not None and self._covers(tokens) and (
                 self._compiled.hooks == "python" or not self._has_bwd_hooks()):
             # an SAE's sites are no graph nodes: they are cached by hooks, inside their site's
             # HookPoint, which the compiled variant runs as Python (fxlens.saes)
             inner = self._sae_site_names(cache_names)
             if not inner:
-                return self._compiled.run(tokens, cache_names)
+                return self._compiled.run(tokens, cache_names, mask)
             with self._caching(inner) as store:
-                logits, rest = self._compiled.run(tokens, [n for n in cache_names if n not in inner])
+                logits, rest = self._compiled.run(tokens, [n for n in cache_names if n not in inner], mask)
             return logits, {**rest, **store}
-        return self._run_eager(tokens, cache_names)
+        return self._run_eager(tokens, cache_names, mask)
 
     def _has_bwd_hooks(self) -> bool:
         # backward hooks are tensor hooks registered as a HookPoint runs: between compiled
         # segments (hooks="python"), or only in the eager graph (hooks="traced")
         return any(hp.bwd_hooks for hp in self.hook_dict.values())
 
-    def _run_eager(self, tokens: torch.Tensor, cache_names=()) -> tuple[torch.Tensor, dict]:
+    def _call_graph(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        gm = self._graph_for(tokens)
+        return gm(tokens) if mask is None else gm(tokens, mask)
+
+    def _run_eager(self, tokens: torch.Tensor, cache_names=(), mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict]:
         if not cache_names:
-            return self._graph_for(tokens)(tokens), {}
+            return self._call_graph(tokens, mask), {}
         with self._caching(cache_names) as store:
-            logits = self._graph_for(tokens)(tokens)
+            logits = self._call_graph(tokens, mask)
         return logits, store
 
     @contextlib.contextmanager
@@ -247,17 +263,101 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         with self.hooks(fwd_hooks=[(n, save) for n in names]):
             yield store
 
+    # --- padding ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hooks_off(self):
+        """Every hook (permanent ones too) detached for the duration: internal probes."""
+        saved = {name: hp.fwd_hooks for name, hp in self.hook_dict.items()}
+        try:
+            for hp in self.hook_dict.values():
+                hp.fwd_hooks = []
+            yield
+        finally:
+            for name, hooks in saved.items():
+                self.hook_dict[name].fwd_hooks = hooks
+
+    def padding_support(self, side: str) -> str:
+        """"" where a batch padded on `side` ("left" | "right") gives each row the
+        numbers of its own run, else why not. Checked once per graph on a probe
+        (first use): a 5-token row padded to 7 on each side against the row alone."""
+        key = (self._graph_version, side)
+        cached = self._padding_probe.get(key)
+        if cached is None:
+            cached = self._padding_probe[key] = self._probe_padding(side)
+        return cached
+
+    def _probe_padding(self, side: str) -> str:
+        if not has_mask_input(self.graph_module):
+            return ("its HF forward takes no attention_mask, so the captured graph has no mask input "
+                    "and pad tokens would be attended to")
+        n, pad = min(7, self.cfg.n_ctx), 2
+        if n <= pad:
+            return f"its context (n_ctx={self.cfg.n_ctx}) is too short to probe padding"
+        gen = torch.Generator().manual_seed(3)
+        row = torch.randint(0, self.cfg.d_vocab, (2, n - pad), generator=gen).to(self.cfg.device)
+        fill = torch.zeros(2, pad, dtype=torch.long, device=row.device)
+        real = torch.ones_like(row)
+        padded = torch.cat([fill, row], 1) if side == "left" else torch.cat([row, fill], 1)
+        mask = torch.cat([fill, real], 1) if side == "left" else torch.cat([real, fill], 1)
+        at = slice(pad, None) if side == "left" else slice(0, n - pad)
+        with torch.no_grad(), self._hooks_off():
+            want = self._call_graph(row).float()
+            got = self._call_graph(padded, mask).float()
+        if not torch.isfinite(got).all():
+            return f"a {side}-padded probe gives non-finite logits"
+        err = (got[:, at] - want).abs().max().item()
+        if not err <= PADDING_RTOL * max(1.0, want.abs().max().item()):
+            return (f"on a {side}-padded probe the real positions' logits differ from the same row run "
+                    f"alone by {err:.3g} (positions not taken from the mask: its forward takes no "
+                    f"position_ids, or computes them another way)")
+        return ""
+
+    def _padding_mask(self, tokens: torch.Tensor, attention_mask) -> torch.Tensor | None:
+        """The mask to run `tokens` with: None where it masks nothing; refused with
+        PaddingError where this model cannot run that padding exactly."""
+        if attention_mask is None:
+            return None
+        mask = torch.as_tensor(attention_mask, device=tokens.device)
+        mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; it must match the tokens, "
+                             f"{tuple(tokens.shape)}")
+        if mask.dtype == torch.bool or mask.is_floating_point():
+            mask = mask != 0
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("attention_mask takes 1 (attend) and 0 (padding) only")
+        mask = mask.long()
+        if bool(mask.all()):
+            return None
+        # a 1 after a 0 in some row: left (or inner) padding, which moves positions
+        side = "left" if bool(((1 - mask).cummax(-1).values.bool() & mask.bool()).any()) else "right"
+        why = self.padding_support(side)
+        if why:
+            other = side == "left" and not self.padding_support("right")
+            raise PaddingError(
+                f"{self.cfg.model_name or 'this model'} cannot run a {side}-padded batch exactly: "
+                f"{why}. Run the rows separately (one prompt per call, or rows of equal length)"
+                f"{RIGHT_INSTEAD if other else ''}.")
+        return mask
+
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                 prepend_bos: bool | None = None, padding_side: str | None = None,
-                start_at_layer: int | None = None, stop_at_layer: int | None = None, tokens=None):
+                start_at_layer: int | None = None, stop_at_layer: int | None = None, tokens=None,
+                attention_mask: torch.Tensor | None = None):
         """TransformerLens's forward. `stop_at_layer=L` returns the residual stream
         entering block L (`blocks.L.hook_resid_pre`; L = n_layers: after the last
         block). `start_at_layer=L` takes that residual as `input` [batch, pos, d_model]
-        and runs blocks L.. (pass `tokens` for the loss or for the positions)."""
+        and runs blocks L.. (pass `tokens` for the loss or for the positions).
+
+        `attention_mask` [batch, pos] (1 = token, 0 = padding): pad positions are
+        masked out of attention, positions come from the mask, the loss skips
+        them. A list of texts of different lengths is padded on `padding_side`
+        (default: the tokenizer's) and masked so. See `padding_support`."""
         if start_at_layer is None and stop_at_layer is None:
-            return self._forward(input, return_type, loss_per_token, prepend_bos, padding_side)[0]
+            return self._forward(input, return_type, loss_per_token, prepend_bos, padding_side,
+                                 attention_mask=attention_mask)[0]
         return self._forward_between(input, start_at_layer, stop_at_layer, return_type, loss_per_token,
-                                     prepend_bos, padding_side, tokens)
+                                     prepend_bos, padding_side, tokens, attention_mask)
 
     def _layer_index(self, layer: int, what: str) -> int:
         n = self.cfg.n_layers
@@ -267,7 +367,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         return idx
 
     def _forward_between(self, input, start, stop, return_type, loss_per_token, prepend_bos,
-                         padding_side, tokens):
+                         padding_side, tokens, attention_mask=None):
         """Runs the eager graph: the residual is injected / taken at the resid_pre sites."""
         n = self.cfg.n_layers
         hooks, skipped = [], []
@@ -279,7 +379,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
             if tokens is None:  # placeholder ids: only their shape (positions) matters past the start
                 tokens = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
             else:
-                tokens = self._as_tokens(tokens, prepend_bos, padding_side)
+                tokens, attention_mask = self._tokens_and_mask(tokens, prepend_bos, padding_side, attention_mask)
             if start < n:
                 hooks.append((f"blocks.{start}.hook_resid_pre", lambda x, hook: resid.to(x.dtype)))
             else:
@@ -294,7 +394,8 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
                 skipped.append((hp, hp.fwd_hooks))
                 hp.fwd_hooks = []
         else:
-            tokens = self._as_tokens(input, prepend_bos, padding_side)
+            tokens, attention_mask = self._tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
+        mask = self._padding_mask(tokens, attention_mask)
 
         class _Stop(Exception):
             pass
@@ -309,19 +410,21 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
             hooks.append((site, stop_here))
         try:
             with self.hooks(fwd_hooks=hooks):
-                logits = self._graph_for(tokens)(tokens)
+                logits = self._call_graph(tokens, mask)
         except _Stop as stopped:
             return stopped.args[0]
         finally:
             for hp, saved in skipped:
                 hp.fwd_hooks = saved
-        return _outputs(logits, tokens, return_type, loss_per_token)
+        return _outputs(logits, tokens, return_type, loss_per_token, mask)
 
     def _forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
-                 prepend_bos: bool | None = None, padding_side: str | None = None, cache_names=()):
-        tokens = self._as_tokens(input, prepend_bos, padding_side)
-        logits, store = self._run(tokens, cache_names)
-        return _outputs(logits, tokens, return_type, loss_per_token), store
+                 prepend_bos: bool | None = None, padding_side: str | None = None, cache_names=(),
+                 attention_mask: torch.Tensor | None = None):
+        tokens, attention_mask = self._tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
+        mask = self._padding_mask(tokens, attention_mask)
+        logits, store = self._run(tokens, cache_names, mask)
+        return _outputs(logits, tokens, return_type, loss_per_token, mask), store
 
     def run_with_hooks(self, *model_args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **model_kwargs):
@@ -404,8 +507,19 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         return out, {**store, **grads}
 
     # --- tokens ---------------------------------------------------------------------------
+    def _tokens_and_mask(self, input, prepend_bos, padding_side, attention_mask=None):
+        """(tokens, mask or None): text is tokenized and, where rows differ in
+        length, padded on `padding_side` with the mask of that padding (a mask
+        given wins)."""
+        if _is_text(input):
+            tokens, mask = self._tokenize(input, prepend_bos, padding_side)
+            attention_mask = mask if attention_mask is None else attention_mask
+        else:
+            tokens = input
+        return self._as_tokens(tokens, prepend_bos, padding_side), attention_mask
+
     def _as_tokens(self, input, prepend_bos, padding_side) -> torch.Tensor:
-        if isinstance(input, (str, list)) and (isinstance(input, str) or (input and isinstance(input[0], str))):
+        if _is_text(input):
             tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         elif isinstance(input, torch.Tensor):
             if input.dim() not in (1, 2):
@@ -444,7 +558,14 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
     def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
                   move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
         """Text -> [batch, pos] ids. The BOS token is prepended by fxlens (never twice),
-        following TransformerLens's `default_prepend_bos`."""
+        following TransformerLens's `default_prepend_bos`; texts of different
+        lengths are padded on `padding_side` (default: the tokenizer's, else right)
+        with the pad token (else eos). `forward` on the same texts masks that padding."""
+        out, _ = self._tokenize(input, prepend_bos, padding_side, truncate)
+        return out.to(self.cfg.device) if move_to_device else out
+
+    def _tokenize(self, input, prepend_bos, padding_side, truncate: bool = True):
+        """(ids [batch, pos] on the CPU, mask [batch, pos] or None where no row is padded)."""
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         bos = self._bos(prepend_bos)
@@ -456,9 +577,17 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         width = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         side = padding_side or getattr(tok, "padding_side", "right") or "right"
-        rows = [(x + [pad] * (width - len(x))) if side == "right" else ([pad] * (width - len(x)) + x) for x in ids]
-        out = torch.tensor(rows, dtype=torch.long)
-        return out.to(self.cfg.device) if move_to_device else out
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}; use 'left' or 'right'")
+
+        def padded(x: list, fill):
+            more = [fill] * (width - len(x))
+            return x + more if side == "right" else more + x
+
+        out = torch.tensor([padded(x, pad) for x in ids], dtype=torch.long)
+        if all(len(x) == width for x in ids):
+            return out, None
+        return out, torch.tensor([padded([1] * len(x), 0) for x in ids], dtype=torch.long)
 
     def to_string(self, tokens):
         tok = self._need_tokenizer()
@@ -497,13 +626,19 @@ def _hook_list(hp: HookPoint, dir: str) -> list:
     return hp.fwd_hooks if dir == "fwd" else hp.bwd_hooks
 
 
-def _outputs(logits, tokens, return_type, loss_per_token):
-    """What `forward` returns for each TransformerLens `return_type`."""
+def _is_text(input) -> bool:
+    return isinstance(input, str) or (isinstance(input, (list, tuple)) and bool(input)
+                                      and isinstance(input[0], str))
+
+
+def _outputs(logits, tokens, return_type, loss_per_token, mask=None):
+    """What `forward` returns for each TransformerLens `return_type` (the loss
+    skips masked positions)."""
     if return_type == "logits":
         return logits
     if return_type is None:
         return None
     if return_type not in ("loss", "both"):
         raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
-    loss = lm_cross_entropy_loss(logits, tokens, per_token=loss_per_token)
+    loss = lm_cross_entropy_loss(logits, tokens, mask, per_token=loss_per_token)
     return loss if return_type == "loss" else (logits, loss)

@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from . import _compat
-from .capture import Captured, export_graph, load_tokenizer, n_ctx_of
+from .capture import Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of
 from .errors import CaptureError
 
 DISK = "disk"
@@ -71,7 +71,7 @@ class PlacedCaptured(Captured):
         (ties kept), never the disk-offloaded ones: they are read-only file views."""
         from fxlens.passes.place_devices import place_devices
 
-        gm = _compat.plain_graph_module(self.program.module())
+        gm = decoder_graph(self.program)
         copies: dict[int, torch.Tensor] = {}
         for name, tensor in self.weights.items():
             if own and name not in self.offloaded:

@@ -167,7 +167,8 @@ class TransformerLensMixin:
         if past_kv_cache is not None:
             raise NotApplicableError("input_to_embed: past_kv_cache is TransformerLens's own KV cache "
                                      "object; fxlens's generate(use_past_kv_cache=True) keeps its own")
-        tokens = self._as_tokens(input, prepend_bos, padding_side)
+        # texts of different lengths: padded, and their mask returned (as TransformerLens)
+        tokens, attention_mask = self._tokens_and_mask(input, prepend_bos, padding_side, attention_mask)
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         residual = self.forward(tokens, stop_at_layer=0, **extra)
         return residual, tokens, None, attention_mask

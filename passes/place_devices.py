@@ -3,8 +3,8 @@
 Matches: every node of a captured graph whose parameters already sit where a
 device map put them (`fxlens.placement`), exported on the meta device.
 Rewrites:
-  - `device=` arguments baked in at export (`arange(..., device=meta)`,
-    `to(..., device=meta)`, `zeros(...)`) -> the node's device;
+  - device arguments baked in at export (`arange(..., device=meta)`,
+    `to(..., device=meta)`, `to(mask, meta, bool)`, `zeros(...)`) -> the node's device;
   - a tensor read on another device than its reader's ->
     `x` -> `_to_copy(x, device=d)` -> reader (one copy per value and device).
 A node's device is that of its innermost module placed by the map (longest
@@ -74,6 +74,10 @@ def place_devices(gm: fx.GraphModule, module_devices: dict[str, torch.device],
         if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != here:
             node.kwargs = {**node.kwargs, "device": here}
             rewritten += 1
+        # positional too: `mask.to(device, torch.bool)` is aten.to.device(mask, device, dtype)
+        if any(isinstance(a, torch.device) and a != here for a in node.args):
+            node.args = tuple(here if isinstance(a, torch.device) else a for a in node.args)
+            rewritten += 1
         for a in inputs:
             if dev.get(a, here) == here:
                 continue
@@ -86,7 +90,7 @@ def place_devices(gm: fx.GraphModule, module_devices: dict[str, torch.device],
                 copies[key] = c
             node.replace_input_with(a, copies[key])
     left = [n.name for n in graph.nodes
-            if isinstance(n.kwargs.get("device"), torch.device) and n.kwargs["device"].type == "meta"]
+            if any(isinstance(a, torch.device) and a.type == "meta" for a in (*n.args, n.kwargs.get("device")))]
     if left:
         raise PassError("place_devices", f"nodes {left[:5]} still create tensors on the meta device")
     gm.recompile()

@@ -222,11 +222,17 @@ def test_inductor_editing_hook_and_opt_in(gpt2_inductor):
 def test_inductor_gqa_rotary():
     model = fresh("llama").compile()
     toks = tokens(3, 9)
+    mask = torch.ones_like(toks)
+    mask[0, :3] = 0                                             # row 0 left-padded
     with torch.no_grad():
         want = eager(model, lambda: model(toks))
         got = model(toks)
+        want_padded = eager(model, lambda: model(toks, attention_mask=mask))
+        got_padded = model(toks, attention_mask=mask)
     assert rel_err(got, want) <= COMPILED_RTOL
+    assert rel_err(got_padded, want_padded) <= COMPILED_RTOL
     assert model.compile_stats()["fused_attention"] == {"plain": model.cfg.n_layers}
+    assert model.compile_stats()["compilations"] == 1           # padded or not: one graph (mask as input)
 
 
 # --- dynamo behaviour: recompiles, variant cache, fallback ("eager" backend) -----------

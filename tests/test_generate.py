@@ -16,6 +16,7 @@ import torch
 from conftest import captured, hf_model, oracle_model, smollm2_pair
 
 import fxlens
+from fxlens import kv_cache
 from fxlens.errors import ContextLengthError, FxlensError
 from fxlens.generate import KVCacheWarning, sample_logits
 
@@ -181,17 +182,25 @@ def test_return_types_and_errors():
         greedy(model, ids, 3, return_type="logits")
 
 
-def test_progress_bar_and_kv_cache_fallback_said_once(capsys):
+def test_progress_bar_and_kv_cache_fallback_said_once(capsys, monkeypatch):
     model, ids = oracle_model("llama"), prompts(1, 4)
     model.generate(ids, max_new_tokens=5, stop_at_eos=False)              # verbose by default
     assert "5/5" in capsys.readouterr().err
-    # OPT computes its positions from the mask: its decode graph fails the load check,
-    # generate says so once and recomputes the prefix, with HF's numbers all the same
-    opt = fxlens.from_pretrained_no_processing(captured("opt"))
-    with pytest.warns(KVCacheWarning, match="no KV cache for this model"):
-        got = greedy(opt, ids, 4, stop_at_eos=False)
+    # OPT computes its positions from the mask; the graph does so too (fxlens.capture),
+    # and the decode graph shifts those positions: it decodes with the KV cache
     want = hf_model("opt").generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+    opt = fxlens.from_pretrained_no_processing(captured("opt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KVCacheWarning)
+        assert torch.equal(greedy(opt, ids, 4, stop_at_eos=False), want)
+    assert opt._decoder_cache[1] is not None
+    # a decode graph that fails its load check: generate says so once and recomputes
+    # the prefix, with HF's numbers all the same
+    monkeypatch.setattr(kv_cache, "build_decoder", lambda model: (None, "one-token steps differ"))
+    opt = fxlens.from_pretrained_no_processing(captured("opt"))
+    with pytest.warns(KVCacheWarning, match="no KV cache for this model .one-token steps differ"):
+        got = greedy(opt, ids, 4, stop_at_eos=False)
     assert torch.equal(got, want)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                     # said once, not again
