@@ -2,6 +2,7 @@
 
   fxlens smollm2 [--prompt TEXT]            instrument SmolLM2-135M-Instruct, show predictions
   fxlens dump MODEL -o FILE [--per-pass]    the annotated graph: .txt .dot .svg .html .json
+                                            (--format model-explorer: Model Explorer's graph JSON)
   fxlens sites MODEL                        every hook name with its shape
   fxlens cache MODEL --prompt TEXT -o FILE.safetensors [--names NAME ...]
   fxlens harvest MODEL --text FILE --names PATTERN --seq-len N --batch-size B -o DIR
@@ -157,7 +158,7 @@ def cmd_dump(args) -> int:
         path = dump.dump(model.graph_module, args.output, fmt, args.level, title=_title(args, model))
     for p in (per_pass.written if per_pass else []):
         print(f"wrote {p}")
-    level = "ops and modules" if fmt == "html" else args.level
+    level = "ops and modules" if fmt in ("html", "model-explorer") else args.level
     print(f"wrote {path} ({fmt}, {level} level; the graph has {len(model.graph_module.graph.nodes)} "
           f"nodes and {len(model.hook_names)} hooks)")
     return 0
@@ -331,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(fn=cmd_smollm2)
 
-    p = sub.add_parser("dump", help="write the annotated graph (txt, dot, svg, html, json)")
+    p = sub.add_parser("dump", help="write the annotated graph (txt, dot, svg, html, json, model-explorer)")
     _model_args(p)
     p.add_argument("-o", "--output", required=True, help="file to write; its suffix picks the format")
     p.add_argument("--format", choices=FORMATS, help="the format, whatever the suffix")

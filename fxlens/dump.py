@@ -9,6 +9,8 @@ is derived from it:
   html  one self-contained page (no network): browse blocks, expand modules
         to ops, search a hook name, see its shape and module path
   json  networkx node-link data (`networkx.node_link_data`)
+  model-explorer  Google Model Explorer's graph JSON, nodes in TransformerLens
+        namespaces (`blocks.3/attn`): see fxlens.explorer
 
 Two levels: "ops" (every FX node) and "modules" (the quotient graph over
 module groups: one node per block child such as `transformer.h.0.attn`, or per
@@ -41,7 +43,9 @@ from .errors import FxlensError
 from .graph import module_paths
 from .names import canonical_order
 
-FORMATS = ("txt", "dot", "svg", "html", "json")
+FORMATS = ("txt", "dot", "svg", "html", "json", "model-explorer")
+# the formats a file's suffix names (Model Explorer's is JSON too: ask for it by name)
+SUFFIXES = FORMATS[:5]
 LEVELS = ("ops", "modules")
 
 # export's placeholder for nodes outside any module (sym_size of the inputs)
@@ -523,8 +527,13 @@ def _tree(G: nx.DiGraph) -> list[dict]:
     return tree
 
 
+def render_model_explorer(G: nx.DiGraph) -> str:
+    from .explorer import render_model_explorer as render   # the optional extra, imported on use
+    return render(G)
+
+
 RENDERERS = {"txt": render_text, "dot": render_dot, "svg": render_svg, "json": render_json,
-             "html": render_html}
+             "html": render_html, "model-explorer": render_model_explorer}
 
 
 # --- files -----------------------------------------------------------------------------
@@ -536,9 +545,9 @@ def format_of(path: str | Path, fmt: str | None = None) -> str:
             raise DumpError(f"unknown dump format {fmt!r}; use one of {', '.join(FORMATS)}")
         return fmt
     suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix not in FORMATS:
+    if suffix not in SUFFIXES:
         raise DumpError(f"cannot tell the dump format of {str(path)!r} from its suffix; name the file "
-                        f"{', '.join('.' + f for f in FORMATS)} or pass --format")
+                        f"{', '.join('.' + f for f in SUFFIXES)} or pass --format")
     return suffix
 
 
@@ -564,11 +573,11 @@ def write_text(path: str | Path, text: str) -> None:
 
 def render(gm_or_graph, fmt: str, level: str = "ops", title: str = "", pass_name: str | None = None) -> str:
     """One format of a GraphModule (or of a graph already built by to_networkx).
-    HTML always holds both levels: its tree is the collapsed view."""
+    HTML and Model Explorer always hold the ops: their namespaces are the collapsed view."""
     if level not in LEVELS:
         raise DumpError(f"unknown level {level!r}; use one of {', '.join(LEVELS)}")
     G = gm_or_graph if isinstance(gm_or_graph, nx.DiGraph) else to_networkx(gm_or_graph, title, pass_name)
-    if level == "modules" and fmt != "html":
+    if level == "modules" and fmt not in ("html", "model-explorer"):
         G = collapse(G)
     return RENDERERS[fmt](G)
 

@@ -30,3 +30,12 @@ if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('sae_lens'
   rm -f "$pins"
   python -c "import sae_lens"
 fi
+# Model Explorer (the `explorer` extra) for `fxlens dump --format model-explorer`: --no-deps
+# (its TF/MLIR adapter wheel and ipython are unused) with the packages it imports, pinned the same way.
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('model_explorer') is None)"; then
+  pins=$(mktemp); python -m pip freeze --exclude-editable | grep -v " @ " > "$pins"
+  python -m pip install -q --no-deps -c "$pins" "ai-edge-model-explorer==0.1.34" \
+    flask werkzeug itsdangerous blinker termcolor dacite watchdog portpicker
+  rm -f "$pins"
+  python -c "from model_explorer import graph_builder"
+fi

@@ -169,3 +169,31 @@ def test_html_search_finds_a_hook_in_headless_chromium(graph, tmp_path):
     shot.unlink(missing_ok=True)
     _chromium([f"--screenshot={shot}", url], tmp_path, "shot")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_explorer_json_loads_with_its_own_classes(gpt2, graph):
+    """`--format model-explorer`: the JSON reads back into Model Explorer's
+    graph_builder dataclasses (dacite, strict: no unknown field), every hook is
+    a node in its TransformerLens namespace, every edge names a node."""
+    import dacite                      # Model Explorer's own dependency
+    from model_explorer import graph_builder as gb
+    data = json.loads(dump.render(graph, "model-explorer"))
+    (g,) = [dacite.from_dict(gb.Graph, d, config=dacite.Config(strict=True)) for d in data["graphs"]]
+    by_id = {n.id: n for n in g.nodes}
+    assert len(by_id) == len(g.nodes) == len(gpt2.graph_module.graph.nodes)
+    hooks = {n.label: n for n in g.nodes if any(a.key == "site" for a in n.attrs)}
+    assert set(hooks) == set(gpt2.hook_names)
+    assert hooks[SEARCH].namespace == "blocks.1/attn"
+    assert hooks["blocks.1.hook_resid_mid"].namespace == "blocks.1"
+    assert hooks["ln_final.hook_scale"].namespace == "ln_final"
+    # the ops around a hook share its module's namespace; the HF path rides along
+    pattern = hooks[SEARCH]
+    attrs = {a.key: a.value for a in pattern.attrs}
+    assert attrs["hf_module"] == "transformer.h.1.attn" and attrs["created_by"] == "insert_hooks"
+    assert {a.key: a.value for a in pattern.outputsMetadata[0].attrs} == {
+        "shape": "[batch, 4, pos, pos]", "dtype": "float32"}
+    producer = by_id[pattern.incomingEdges[0].sourceNodeId]
+    assert producer.namespace == "blocks.1/attn"
+    edges = [(e.sourceNodeId, n.id) for n in g.nodes for e in n.incomingEdges]
+    assert all(u in by_id for u, _ in edges)
+    assert len(edges) == graph.number_of_edges()
