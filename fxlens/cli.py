@@ -3,6 +3,7 @@
   fxlens smollm2 [--prompt TEXT]            instrument SmolLM2-135M-Instruct, show predictions
   fxlens dump MODEL -o FILE [--per-pass]    the annotated graph: .txt .dot .svg .html .json
                                             (--format model-explorer: Model Explorer's graph JSON)
+  fxlens explore MODEL [--prompt TEXT]      the graph in Model Explorer (127.0.0.1), activation norms overlaid
   fxlens sites MODEL                        every hook name with its shape
   fxlens cache MODEL --prompt TEXT -o FILE.safetensors [--names NAME ...]
   fxlens harvest MODEL --text FILE --names PATTERN --seq-len N --batch-size B -o DIR
@@ -199,6 +200,25 @@ def cmd_sites(args) -> int:
     return 0
 
 
+# --- explore ---------------------------------------------------------------------------
+
+def cmd_explore(args) -> int:
+    from . import dump, explorer
+
+    explorer.graph_builder()   # the extra is there, before the slow load
+    with progress(f"fxlens: {args.model}") as status:
+        model = load(args, status)
+        norms = None
+        if args.prompt is not None:
+            status.step("run_with_cache")
+            norms = explorer.activation_norms(model, model.to_tokens(args.prompt))
+        status.step("build the Model Explorer graph")
+        config = explorer.explorer_config(dump.to_networkx(model.graph_module, _title(args, model)),
+                                          norms, name="fxlens")
+    explorer.serve(config, args.port)
+    return 0
+
+
 # --- cache -----------------------------------------------------------------------------
 
 def resolve_names(model, names: list[str] | None) -> list[str] | None:
@@ -341,6 +361,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-pass", action="store_true",
                    help="also write the graph after each pass: FILE.01-<pass>.<suffix>, ...")
     p.set_defaults(fn=cmd_dump)
+
+    p = sub.add_parser("explore", help="open the graph in Model Explorer's local server (127.0.0.1), "
+                                       "with each site's activation norm on a prompt overlaid")
+    _model_args(p)
+    p.add_argument("--prompt", help="run_with_cache on this text and overlay each site's activation norm")
+    p.add_argument("--port", type=int, help="default: a free port (printed)")
+    p.set_defaults(fn=cmd_explore)
 
     p = sub.add_parser("sites", help="list every hook name with its shape")
     _model_args(p)

@@ -131,3 +131,47 @@ def render_model_explorer(G: nx.DiGraph) -> str:
     """Model Explorer's graph JSON (`{"graphs": [...]}`, what its adapters
     return and its server sends to the page)."""
     return json.dumps({"graphs": [dataclasses.asdict(to_model_explorer(G))]}) + "\n"
+
+
+# --- explore: the served view with activations overlaid -----------------------------------
+
+def activation_norms(model, tokens) -> dict[str, float]:
+    """The L2 norm of each site's activation over one `run_with_cache` (every
+    element of the batch and positions together), as a Python float."""
+    _, cache = model.run_with_cache(tokens)
+    return {name: float(act.detach().float().norm()) for name, act in cache.items()}
+
+
+def node_data(graph, norms: dict[str, float]):
+    """Model Explorer node data: each hook node's activation norm, coloured on a
+    linear gradient from the smallest norm (blue) to the largest (red)."""
+    from model_explorer import node_data_builder as ndb
+    site_of = {n.id: next(a.value for a in n.attrs if a.key == "site")
+               for n in graph.nodes if any(a.key == "site" for a in n.attrs)}
+    results = {nid: ndb.NodeDataResult(value=norms[site]) for nid, site in site_of.items() if site in norms}
+    return ndb.ModelNodeData(graphsData={graph.id: ndb.GraphNodeData(
+        results=results, gradient=[ndb.GradientItem(stop=0, bgColor="#d0e4ff"),
+                                   ndb.GradientItem(stop=1, bgColor="#ff8a80")])})
+
+
+def explorer_config(G: nx.DiGraph, norms: dict[str, float] | None, name: str):
+    """A Model Explorer config holding the graph (as its PyTorch adapter's output
+    is held: graphs_list with a `graphs://NAME/INDEX` source) and the norms."""
+    import model_explorer
+    graph = to_model_explorer(G)
+    config = model_explorer.config()
+    config.graphs_list.append({"graphs": [graph]})
+    config.model_sources.append({"url": f"graphs://{name}/{len(config.graphs_list) - 1}"})
+    if norms:
+        config.add_node_data("activation norm", node_data(graph, norms), model_name=name)
+    return config
+
+
+def serve(config, port: int | None = None, host: str = "127.0.0.1") -> None:
+    """Model Explorer's server on 127.0.0.1 only (it prints the URL with the port);
+    blocks until interrupted."""
+    import model_explorer
+    import portpicker
+    port = port or portpicker.pick_unused_port()
+    print(f"fxlens explore: Model Explorer on http://{host}:{port}/", flush=True)
+    model_explorer.visualize_from_config(config, host=host, port=port, no_open_in_browser=True)

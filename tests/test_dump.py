@@ -197,3 +197,41 @@ def test_model_explorer_json_loads_with_its_own_classes(gpt2, graph):
     edges = [(e.sourceNodeId, n.id) for n in g.nodes for e in n.incomingEdges]
     assert all(u in by_id for u, _ in edges)
     assert len(edges) == graph.number_of_edges()
+
+
+def test_explore_serves_the_graph_with_activation_norms(gpt2):
+    """`fxlens explore MODEL --prompt`: Model Explorer's server on 127.0.0.1 sends
+    the graph (every hook a node) and node data = each site's activation norm,
+    as one run_with_cache computes it."""
+    import sys
+    import time
+    import urllib.request
+
+    import portpicker
+    port = portpicker.pick_unused_port()
+    model_dir = DATA / "models" / "gpt2"
+    proc = subprocess.Popen([sys.executable, "-m", "fxlens", "explore", str(model_dir), "--prompt", "Hello world",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = ""
+        for line in proc.stdout:         # the server prints its URL once it answers
+            seen += line
+            if "Press Ctrl+C" in line:
+                break
+        assert f"http://127.0.0.1:{port}/" in seen, seen[-2000:]
+
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+                return json.loads(r.read())
+        (g,) = get("/api/v1/load_graphs_json?graph_index=0")["graphs"]
+        hooks = {n["label"]: n["id"] for n in g["nodes"] if any(a["key"] == "site" for a in n["attrs"])}
+        assert set(hooks) == set(gpt2.hook_names)
+        data = json.loads(get("/api/v1/load_node_data?node_data_index=0")["content"])
+        results = data[g["id"]]["results"]
+        _, cache = gpt2.run_with_cache(gpt2.to_tokens("Hello world"))
+        # the same weights and tokens in another process: float32 norms agree to rounding
+        for name, act in cache.items():
+            assert results[hooks[name]]["value"] == pytest.approx(float(act.float().norm()), rel=1e-5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
