@@ -309,6 +309,26 @@ def _export_call(model):
     return name, {}, {}
 
 
+def _counts_positions_from_zero(model) -> bool:
+    """Whether the model's own positions (no `position_ids` passed) are 0, 1, ...:
+    RoBERTa-style models count from `padding_idx + 1`, and giving them 0-based ids
+    would silently move every position. Checked on a short probe (skipped on the
+    meta device, where nothing runs)."""
+    params = list(model.parameters())
+    if not params or params[0].device.type == "meta":
+        return True
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    pad = getattr(model.config, "pad_token_id", None)
+    if isinstance(pad, int):
+        probe[probe == pad] = (pad + 1) % vocab
+    probe = probe.to(params[0].device)
+    with torch.no_grad(), _no_cache_config(model):
+        own = model(probe)[0]
+        given = model(probe, position_ids=torch.arange(6, device=probe.device)[None])[0]
+    return bool(torch.allclose(own, given, rtol=1e-5, atol=1e-6))   # float32 rounding only
+
+
 @contextlib.contextmanager
 def _positions_from_mask(model):
     """While exporting, `position_ids` (where the forward takes them and the
@@ -320,7 +340,7 @@ def _positions_from_mask(model):
     the same prompt run alone (HF itself counts from 0 at the first column).
     The nodes are tagged `meta["custom"][POSITIONS]` (the KV decoder shifts
     them). Yields whether positions come from the mask."""
-    if "position_ids" not in _forward_params(model):
+    if "position_ids" not in _forward_params(model) or not _counts_positions_from_zero(model):
         yield False
         return
 

@@ -53,3 +53,21 @@ def test_n_ctx_is_read_from_every_field_name_or_the_default_is_said():
         assert n_ctx_of(MptConfig(max_seq_len=128)) == 128     # MPT's name for it
     with pytest.warns(UserWarning, match="names no context length.*assumes n_ctx=2048"):
         assert n_ctx_of(PretrainedConfig()) == 2048
+
+
+def test_models_counting_positions_from_padding_idx_keep_their_own_positions():
+    """RoBERTa counts positions from padding_idx + 1; mask-derived 0-based ids would move them."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    import fxlens
+
+    cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, is_decoder=True,
+                        attn_implementation="eager")
+    hf = RobertaForCausalLM(cfg).eval()
+    toks = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    with torch.no_grad():
+        want = hf(toks).logits
+    # float32 through one layer: rounding only (~1e-7); shifted positions move logits by O(1)
+    assert (model(toks) - want).abs().max() <= 1e-4 * want.abs().max()
