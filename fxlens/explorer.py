@@ -22,6 +22,7 @@ import json
 from collections import Counter
 
 import networkx as nx
+import torch
 
 from .errors import FxlensError
 
@@ -135,11 +136,19 @@ def render_model_explorer(G: nx.DiGraph) -> str:
 
 # --- explore: the served view with activations overlaid -----------------------------------
 
+def finite_norm(act) -> float:
+    """The L2 norm of a tensor's finite entries (every element of the batch and
+    positions together), as a Python float. Masked attention scores are -inf
+    (`hook_attn_scores` above the diagonal): their norm is over the scores that
+    take part. JSON has no Infinity, and the page refuses node data holding one."""
+    act = act.detach().float()
+    return float(act[torch.isfinite(act)].norm())
+
+
 def activation_norms(model, tokens) -> dict[str, float]:
-    """The L2 norm of each site's activation over one `run_with_cache` (every
-    element of the batch and positions together), as a Python float."""
+    """Each site's `finite_norm` over one `run_with_cache`."""
     _, cache = model.run_with_cache(tokens)
-    return {name: float(act.detach().float().norm()) for name, act in cache.items()}
+    return {name: finite_norm(act) for name, act in cache.items()}
 
 
 def node_data(graph, norms: dict[str, float]):

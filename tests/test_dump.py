@@ -1,6 +1,7 @@
 """Graph dumps: every format names every hook, JSON round-trips through
 networkx, and the HTML page's search works in a real (headless) browser."""
 
+import base64
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 
 import networkx as nx
 import pytest
+import torch
 
 import fxlens
 from conftest import DATA, oracle_model
@@ -199,13 +201,11 @@ def test_model_explorer_json_loads_with_its_own_classes(gpt2, graph):
     assert len(edges) == graph.number_of_edges()
 
 
-def test_explore_serves_the_graph_with_activation_norms(gpt2):
-    """`fxlens explore MODEL --prompt`: Model Explorer's server on 127.0.0.1 sends
-    the graph (every hook a node) and node data = each site's activation norm,
-    as one run_with_cache computes it."""
+@pytest.fixture(scope="module")
+def explore(gpt2):
+    """One `fxlens explore MODEL --prompt` server for the module's tests: (port, the
+    page's URL it prints, which names the graph and node data to open)."""
     import sys
-    import time
-    import urllib.request
 
     import portpicker
     port = portpicker.pick_unused_port()
@@ -219,19 +219,122 @@ def test_explore_serves_the_graph_with_activation_norms(gpt2):
             if "Press Ctrl+C" in line:
                 break
         assert f"http://127.0.0.1:{port}/" in seen, seen[-2000:]
-
-        def get(path):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-                return json.loads(r.read())
-        (g,) = get("/api/v1/load_graphs_json?graph_index=0")["graphs"]
-        hooks = {n["label"]: n["id"] for n in g["nodes"] if any(a["key"] == "site" for a in n["attrs"])}
-        assert set(hooks) == set(gpt2.hook_names)
-        data = json.loads(get("/api/v1/load_node_data?node_data_index=0")["content"])
-        results = data[g["id"]]["results"]
-        _, cache = gpt2.run_with_cache(gpt2.to_tokens("Hello world"))
-        # the same weights and tokens in another process: float32 norms agree to rounding
-        for name, act in cache.items():
-            assert results[hooks[name]]["value"] == pytest.approx(float(act.float().norm()), rel=1e-5)
+        page = re.search(rf"^(http://127\.0\.0\.1:{port}/\?data=\S+)$", seen, re.M)
+        assert page, seen[-2000:]
+        yield port, page.group(1)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _explore_norms(gpt2) -> dict[str, float]:
+    from fxlens.explorer import finite_norm
+    _, cache = gpt2.run_with_cache(gpt2.to_tokens("Hello world"))
+    return {name: finite_norm(act) for name, act in cache.items()}
+
+
+def test_explore_serves_the_graph_with_activation_norms(gpt2, explore):
+    """`fxlens explore MODEL --prompt`: Model Explorer's server on 127.0.0.1 sends
+    the graph (every hook a node) and node data = each site's activation norm,
+    as one run_with_cache computes it, in JSON a browser parses (no Infinity:
+    the -inf of masked scores are left out of the norm)."""
+    import urllib.request
+    port, _ = explore
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
+            return json.loads(r.read())
+    (g,) = get("/api/v1/load_graphs_json?graph_index=0")["graphs"]
+    hooks = {n["label"]: n["id"] for n in g["nodes"] if any(a["key"] == "site" for a in n["attrs"])}
+    assert set(hooks) == set(gpt2.hook_names)
+    content = get("/api/v1/load_node_data?node_data_index=0")["content"]
+    data = json.loads(content, parse_constant=lambda c: pytest.fail(f"{c} in the node data: not JSON"))
+    results = data[g["id"]]["results"]
+    # the same weights and tokens in another process: float32 norms agree to rounding
+    for name, norm in _explore_norms(gpt2).items():
+        assert results[hooks[name]]["value"] == pytest.approx(norm, rel=1e-5)
+    scores = gpt2.run_with_cache(gpt2.to_tokens("Hello world"))[1]["blocks.0.attn.hook_attn_scores"]
+    assert torch.isinf(scores).any() and results[hooks["blocks.0.attn.hook_attn_scores"]]["value"] > 0
+
+
+# Model Explorer draws the graph with WebGL: software GL (SwiftShader) in headless Chromium
+EXPLORER_FLAGS = [f for f in CHROMIUM_FLAGS if f != "--disable-gpu"] + [
+    "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+# the pixels of a screenshot, decoded by the browser itself: how many, how many
+# in the commonest colour (the background), how many distinct colours
+_PIXELS = """(async (png) => {
+  const img = new Image(); img.src = "data:image/png;base64," + png; await img.decode();
+  const c = document.createElement("canvas"); c.width = img.width; c.height = img.height;
+  const ctx = c.getContext("2d"); ctx.drawImage(img, 0, 0);
+  const d = ctx.getImageData(0, 0, img.width, img.height).data, counts = new Map();
+  for (let i = 0; i < d.length; i += 4) {
+    const k = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2]; counts.set(k, (counts.get(k) || 0) + 1); }
+  return {pixels: d.length / 4, background: Math.max(...counts.values()), colours: counts.size};
+})"""
+_RECT = "(() => {{ const r = document.querySelector({!r}).getBoundingClientRect(); " \
+        "return {{x: Math.round(r.x), y: Math.round(r.y), width: Math.round(r.width), height: Math.round(r.height)}}; }})()"
+_INFO = "[...document.querySelectorAll('info-panel tr')].map(r => r.innerText.split('\\t').map(s => s.trim()))"
+
+
+def test_explore_page_draws_the_graph_and_finds_a_hook_in_headless_chromium(gpt2, explore, tmp_path):
+    """The page `fxlens explore` serves, in headless Chromium driven over the DevTools
+    protocol (tests/cdp.py): once the info panel counts every node of the graph,
+    typing a hook's name into Model Explorer's search box lists it under its
+    TransformerLens namespace, selecting the result shows its site, HF module and
+    activation norm, and the screenshot (tests/artifacts/explore_search.png) has the
+    graph drawn on its canvas."""
+    from cdp import Browser
+    exe = need_tool(shutil.which("chromium") or CHROMIUM, "Chromium")
+    _, url = explore
+    browser = Browser(exe, [*EXPLORER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"], tmp_path / "chromium.log")
+    try:
+        browser.page("Page.enable")
+        browser.page("Page.navigate", url=url)
+        # loaded: the panel counts the graph's nodes once the page has processed it
+        # ("Converting" and "Processing graph" come first)
+        n_nodes = len(gpt2.graph_module.graph.nodes)
+        browser.wait_for("[...document.querySelectorAll('info-panel tr')].some(r => "
+                         f"r.innerText.replace(/\\s+/g, ' ').trim() == 'op node count {n_nodes}')",
+                         30, "the graph's node count in the info panel")
+
+        # search: type the name into the search box; the results list it by its label
+        browser.evaluate("document.querySelector('search-bar input').focus()")
+        browser.type_text(SEARCH)
+        hit = browser.wait_for(
+            "(() => { const tree = document.querySelector('search-bar .search-results-container');"
+            " if (!tree) return null;"
+            " const rows = [...tree.querySelectorAll('mat-tree-node')]"
+            "   .map(n => n.innerText.split('\\n').map(s => s.trim()));"
+            " const leaf = [...tree.querySelectorAll('mat-tree-node.leaf')]"
+            f"   .find(n => n.innerText.split('\\n')[0].trim() == {json.dumps(SEARCH)});"
+            " if (!leaf) return null; const r = leaf.getBoundingClientRect();"
+            " return {rows, x: r.x + r.width / 2, y: r.y + r.height / 2}; })()",
+            15, f"a search result named {SEARCH}")
+        # the results are grouped by namespace: the hook's is <root> / blocks.1 / attn
+        heads = [row[-1] for row in hit["rows"] if "/" in row[-1]]
+        assert heads == ["<root> / blocks.1 / attn"], hit["rows"]
+
+        # Alt+click locates and selects it: the info panel shows the hook node
+        browser.click(hit["x"], hit["y"], alt=True)
+        info = dict(row[:2] for row in browser.wait_for(
+            f"(() => {{ const rows = {_INFO}; return rows.some(r => r[0] == 'op name' && r[1] == "
+            f"{json.dumps(SEARCH)}) && rows.some(r => r[0] == 'activation norm') ? rows : null; }})()",
+            15, f"the info panel of {SEARCH}") if len(row) >= 2)
+        assert info["site"] == SEARCH and info["namespace"] == "blocks.1/attn"
+        assert info["hf_module"] == "transformer.h.1.attn" and info["created_by"] == "insert_hooks"
+        # the norm the page shows is the one run_with_cache gives here (float32 in another process)
+        assert float(info["activation norm"]) == pytest.approx(_explore_norms(gpt2)[SEARCH], rel=1e-5)
+
+        # the screenshot shows the graph drawn (WebGL): its canvas holds more than background
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "explore_search.png"
+        shot.unlink(missing_ok=True)
+        png = browser.save_screenshot(shot)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        canvas = browser.evaluate(_RECT.format("webgl-renderer canvas.main"))
+        assert canvas["width"] > 300 and canvas["height"] > 300, canvas
+        seen = browser.evaluate(f"{_PIXELS}({json.dumps(base64.b64encode(png).decode())}, {json.dumps(canvas)})")
+        # a blank canvas is one colour; nodes, labels and edges give hundreds
+        assert seen["colours"] > 50 and seen["pixels"] - seen["background"] > 0.02 * seen["pixels"], seen
+    finally:
+        browser.close()
