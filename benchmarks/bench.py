@@ -139,7 +139,7 @@ def load_hf(which: str):
         hf = GPT2LMHeadModel(cfg).float()
         label = "GPT2Config() defaults, random weights (12 layers, d_model 768, 12 heads, vocab 50257)"
     elif which == "smollm2":
-        from fxlens.checkpoints import smollm2
+        from fxlens.tools.checkpoints import smollm2
 
         folder, gguf = smollm2()
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32,

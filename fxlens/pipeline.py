@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxlens.analysis import ModelSpec, analyse
+from fxlens.discovery.decoder import ModelSpec, analyse
 from fxlens.errors import FxlensError, PassError
-from fxlens.params import ProcessingLog
+from fxlens.ir.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
                            fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks,
                            split_shared_norms)
-from fxlens.passes_base import PassResult
-from fxlens.weights import column_maps
+from fxlens.ir.pass_result import PassResult
+from fxlens.interp.weights import column_maps
 
 
 @dataclass

@@ -12,9 +12,9 @@ Invariant W_U has mean ~0 over the vocabulary.
 from __future__ import annotations
 
 from fxlens.errors import PassError
-from fxlens.graph import is_layout
-from fxlens.params import Linear
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import is_layout
+from fxlens.ir.params import Linear
+from fxlens.ir.pass_result import PassResult
 
 NAME = "center_unembed"
 

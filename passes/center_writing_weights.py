@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import is_layout, is_scalar_scale, module_paths
-from fxlens.params import Linear, get_tensor, set_param
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import is_layout, is_scalar_scale, module_paths
+from fxlens.ir.params import Linear, get_tensor, set_param
+from fxlens.ir.pass_result import PassResult
 
 NAME = "center_writing_weights"
 

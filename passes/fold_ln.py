@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import is_layout, linear_of, linear_parts, module_paths, output_node
-from fxlens.params import Linear, get_tensor
-from fxlens.trace import CASTS
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import is_layout, linear_of, linear_parts, module_paths, output_node
+from fxlens.ir.params import Linear, get_tensor
+from fxlens.ir.trace import CASTS
+from fxlens.ir.pass_result import PassResult
 
 NAME = "fold_ln"
 

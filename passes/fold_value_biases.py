@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 
 from fxlens.errors import PassError
-from fxlens.graph import SOFTMAX_OPS, is_layout, same_size, shape, walk_back
-from fxlens.params import Linear
-from fxlens.passes_base import PassResult
-from fxlens.weights import w_o
+from fxlens.ir.graph import SOFTMAX_OPS, is_layout, same_size, shape, walk_back
+from fxlens.ir.params import Linear
+from fxlens.ir.pass_result import PassResult
+from fxlens.interp.weights import w_o
 
 NAME = "fold_value_biases"
 

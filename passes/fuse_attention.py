@@ -37,8 +37,8 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import SOFTMAX_OPS, val
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import SOFTMAX_OPS, val
+from fxlens.ir.pass_result import PassResult
 
 aten = torch.ops.aten
 NAME = "fuse_attention"

@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.hook_points import HookPoint
-from fxlens.names import canonical_order
-from fxlens.passes_base import PassResult
+from fxlens.ir.hook_points import HookPoint
+from fxlens.discovery.names import canonical_order
+from fxlens.ir.pass_result import PassResult
 
 NAME = "insert_hooks"
 CONTAINER = "fxlens_hooks"

@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxlens.analysis import residual_layout
+from fxlens.discovery.decoder import residual_layout
 from fxlens.errors import FxlensError
-from fxlens.graph import is_layout, linear_parts, module_paths, output_node, shape, walk_back
-from fxlens.hook_points import Layout
-from fxlens.names import split_name
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import is_layout, linear_parts, module_paths, output_node, shape, walk_back
+from fxlens.ir.hook_points import Layout
+from fxlens.discovery.names import split_name
+from fxlens.ir.pass_result import PassResult
 
 from .insert_hooks import insert_hooks
 

@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import module_paths, val
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import module_paths, val
+from fxlens.ir.pass_result import PassResult
 
 aten = torch.ops.aten
 

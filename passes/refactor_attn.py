@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from fxlens.errors import PassError, ProcessingError, UnmappableModelError
-from fxlens.passes_base import PassResult
-from fxlens.weights import b_qkv, w_o, w_qkv
+from fxlens.ir.pass_result import PassResult
+from fxlens.interp.weights import b_qkv, w_o, w_qkv
 
 NAME = "refactor_factored_attn_matrices"
 

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.passes_base import PassResult
+from fxlens.ir.pass_result import PassResult
 
 NAME = "segment"
 BOUNDARY = "fxlens.boundary"

@@ -34,8 +34,8 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.hook_points import HookPoint, Layout, emit_layout
-from fxlens.passes_base import PassResult
+from fxlens.ir.hook_points import HookPoint, Layout, emit_layout
+from fxlens.ir.pass_result import PassResult
 
 aten = torch.ops.aten
 NAME = "specialise"

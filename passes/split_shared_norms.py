@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.graph import is_layout, linear_of, linear_parts, module_path, module_paths
-from fxlens.passes_base import PassResult
+from fxlens.ir.graph import is_layout, linear_of, linear_parts, module_path, module_paths
+from fxlens.ir.pass_result import PassResult
 
 aten = torch.ops.aten
 NAME = "split_shared_norms"

@@ -56,7 +56,7 @@ def smollm2_pair():
     (the GGUF load and capture are the suite's slowest setup); tests must leave it unchanged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fxlens.checkpoints import smollm2
+    from fxlens.tools.checkpoints import smollm2
 
     folder, gguf = smollm2()
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, attn_implementation="eager").eval()

@@ -46,7 +46,7 @@ def test_n_ctx_is_read_from_every_field_name_or_the_default_is_said():
     import warnings
     from transformers import MptConfig, PretrainedConfig
 
-    from fxlens.capture import n_ctx_of
+    from fxlens.frontend.decoder import n_ctx_of
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import DATA, oracle_model
-from fxlens.cli import main
+from fxlens.tools.cli import main
 
 GPT2 = str(DATA / "models" / "gpt2")
 
@@ -116,7 +116,7 @@ def test_unknown_hook_name_in_names(capsys, tmp_path):
 def test_the_installed_command_prints_no_traceback(tmp_path):
     """The real process: exit status, and stderr holds the one line and nothing
     else (no traceback, no library noise)."""
-    proc = subprocess.run([sys.executable, "-m", "fxlens.cli", "dump", str(tmp_path / "nothing-here"),
+    proc = subprocess.run([sys.executable, "-m", "fxlens.tools.cli", "dump", str(tmp_path / "nothing-here"),
                            "-o", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "cannot load" in one_error_line(proc.stderr)

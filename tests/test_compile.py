@@ -23,7 +23,7 @@ from conftest import DATA, ORACLE_ARCHS, captured, oracle_model, rel_err
 from tiny_models import tiny_model
 
 import fxlens
-from fxlens.compiled import COMPILED_RTOL, CompileFallbackWarning, build_variant
+from fxlens.runtime.compiled import COMPILED_RTOL, CompileFallbackWarning, build_variant
 from fxlens.errors import HookReturnError
 from fxlens.passes.specialise import hook_nodes
 

@@ -14,7 +14,7 @@ import torch
 
 import fxlens
 from conftest import DATA, oracle_model
-from fxlens import dump
+from fxlens.tools import dump
 
 ARTIFACTS = DATA.parent / "artifacts"   # gitignored; CI keeps the screenshot
 CHROMIUM = "/usr/bin/chromium"
@@ -228,7 +228,7 @@ def explore(gpt2):
 
 
 def _explore_norms(gpt2) -> dict[str, float]:
-    from fxlens.explorer import finite_norm
+    from fxlens.tools.explorer import finite_norm
     _, cache = gpt2.run_with_cache(gpt2.to_tokens("Hello world"))
     return {name: finite_norm(act) for name, act in cache.items()}
 

@@ -189,7 +189,7 @@ TEXTS = ["The capital of France is Paris.", "A man is eating food.", "Hi"]
 def minilm():
     from transformers import AutoModel
 
-    from fxlens.checkpoints import minilm as folder
+    from fxlens.tools.checkpoints import minilm as folder
 
     hf = AutoModel.from_pretrained(folder(), attn_implementation="eager").eval()
     return fxlens.encoder_from_pretrained_no_processing(folder()), hf

@@ -16,9 +16,9 @@ import torch
 from conftest import captured, hf_model, oracle_model, smollm2_pair
 
 import fxlens
-from fxlens import kv_cache
+from fxlens.runtime import kv_cache
 from fxlens.errors import ContextLengthError, FxlensError
-from fxlens.generate import KVCacheWarning, sample_logits
+from fxlens.runtime.generate import KVCacheWarning, sample_logits
 
 
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import fxlens
 from conftest import DATA, RTOL, oracle_model, rel_err
-from fxlens.cli import main
-from fxlens.harvesting import load_shards, pack_rows
+from fxlens.tools.cli import main
+from fxlens.tools.harvesting import load_shards, pack_rows
 
 GPT2 = str(DATA / "models" / "gpt2")
 SITES = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern"]
@@ -108,7 +108,7 @@ class Interrupted(Exception):
 
 
 def test_interrupted_harvest_resumes_without_losing_or_repeating_rows(tmp_path, monkeypatch):
-    import fxlens.harvesting as h
+    import fxlens.tools.harvesting as h
 
     model = oracle_model("gpt2")
     texts = corpus(80, seed=1)

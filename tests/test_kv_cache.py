@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fxlens
-from fxlens.generate import KVCacheWarning
-from fxlens.kv_cache import build_decoder, config_windows, probe_length
+from fxlens.runtime.generate import KVCacheWarning
+from fxlens.runtime.kv_cache import build_decoder, config_windows, probe_length
 from tiny_models import tiny_config, tiny_model
 
 ARCHS = ["mistral", "qwen3", "gemma2", "gemma2_sw", "phi", "falcon", "gpt_bigcode", "olmo2", "mixtral"]

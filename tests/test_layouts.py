@@ -17,7 +17,7 @@ from conftest import rel_err
 from tiny_models import ARCHS, tiny_model
 
 import fxlens
-from fxlens.compiled import COMPILED_RTOL, build_variant
+from fxlens.runtime.compiled import COMPILED_RTOL, build_variant
 
 def _check_every_site(model, toks):
     # each site fires once per call, with one shape

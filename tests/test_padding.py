@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import fxlens
 from fxlens import PaddingError
-from fxlens.generate import KVCacheWarning
+from fxlens.runtime.generate import KVCacheWarning
 from tests.conftest import captured, oracle_model, rel_err
 from tests.tiny_models import _perturb, tiny_config, tiny_model
 

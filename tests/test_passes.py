@@ -5,7 +5,7 @@ import types
 import torch
 from torch import nn
 
-from fxlens.params import ProcessingLog
+from fxlens.ir.params import ProcessingLog
 from fxlens.passes import center_unembed, expose_norms, fold_ln
 
 # float32, a handful of ops: the rewritten graph differs by rounding only

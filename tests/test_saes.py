@@ -13,7 +13,7 @@ from sae_lens import (SAE, GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAECon
 from sae_lens.saes.sae import SAEMetadata
 
 import fxlens
-from fxlens.compiled import COMPILED_RTOL
+from fxlens.runtime.compiled import COMPILED_RTOL
 from conftest import oracle_model, rel_err
 
 ARCHS = {"standard": (StandardSAE, StandardSAEConfig, {}),

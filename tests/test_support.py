@@ -49,5 +49,5 @@ def test_lengths_outside_the_exported_range_get_their_own_graph():
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
         assert len(seen) == 1 and seen[0].shape[1] == shape[1]   # the model's own hook ran
     assert list(model._length_graphs) == [(0, 1)]   # one graph for length 1, reused for batch 1 and 2
-    from fxlens.dump import render
+    from fxlens.tools.dump import render
     assert "capture: dynamic (seq 2..128" in render(model.graph_module, "txt")

@@ -1,5 +1,5 @@
 """The rest of TransformerLens's HookedTransformer / HookedRootModule surface
-(fxlens/tl_surface.py): every public name exists or is refused with a typed
+(fxlens/interp/tl_surface.py): every public name exists or is refused with a typed
 error, and each method does what TransformerLens's does."""
 
 import copy

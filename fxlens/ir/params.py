@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph import linear_of, linear_parts
+from fxlens.ir.graph import linear_of, linear_parts
 
 aten = torch.ops.aten
 

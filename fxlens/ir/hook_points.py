@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import HookReturnError
+from fxlens.errors import HookReturnError
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def _traced_layout(layout: Layout, direction: str, dtype: torch.dtype, sig: tupl
 class HookPoint(nn.Module):
     """A named site. `fn(activation, hook) -> tensor | None`; `hook.name` is the site's name.
 
-    `sae_splice`: an SAE attached with `model.add_sae` (fxlens.saes.SAESplice); the
+    `sae_splice`: an SAE attached with `model.add_sae` (fxlens.interp.saes.SAESplice); the
     activation passes through it before the hooks run. `in_graph` is False for the
     hook points of such an SAE (`<site>.hook_sae_acts_post`, ...): they are no node
     of the graph and run inside their site's HookPoint."""

@@ -1,7 +1,7 @@
 """Sampling from a HookedModel: TransformerLens's `generate`, with hooks active.
 
 With `use_past_kv_cache=True` (the default, as TransformerLens) each step runs
-the decode graph of `fxlens.kv_cache` on the new token against cached keys and
+the decode graph of `fxlens.runtime.kv_cache` on the new token against cached keys and
 values; the prompt is fed one token at a time through it, so hooks see one
 position per step (`[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`).
 A model whose decode graph fails its load check (a sliding window shorter than
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ContextLengthError, FxlensError
+from fxlens.errors import ContextLengthError, FxlensError
 
 RETURN_TYPES = ("input", "str", "tokens", "embeds")
 
@@ -214,7 +214,7 @@ class GenerateMixin:
     def _kv_decoder(self):
         """The model's decode graph, built and checked once per graph version; None
         (with one warning saying why) when this model cannot use it."""
-        from .kv_cache import build_decoder
+        from fxlens.runtime.kv_cache import build_decoder
 
         key = getattr(self, "_graph_version", 0)
         cached = getattr(self, "_decoder_cache", None)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .errors import FxlensError, UnknownHookError
-from .names import act_name, canonical_order
+from fxlens.errors import FxlensError, UnknownHookError
+from fxlens.discovery.names import act_name, canonical_order
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 

@@ -15,9 +15,9 @@ import warnings
 
 import torch
 
-from .cache import apply_slice
-from .errors import FxlensError, NotApplicableError, ProcessingError, SelfCheckError
-from .names import is_opt_in
+from fxlens.interp.cache import apply_slice
+from fxlens.errors import FxlensError, NotApplicableError, ProcessingError, SelfCheckError
+from fxlens.discovery.names import is_opt_in
 
 # Weight processing reruns the passes; it must keep log-probs (logits move by a
 # per-position constant under center_unembed). As the load-time self-check:
@@ -406,8 +406,8 @@ class TransformerLensMixin:
                 f"model's own graph. Call model.{name}() with no state dict")
 
     def _reprocess(self, flags: dict, center_ln: bool = True) -> None:
-        from .params import ProcessingLog
-        from .pipeline import reprocess
+        from fxlens.ir.params import ProcessingLog
+        from fxlens.pipeline import reprocess
 
         opt_in = [n for n in self.hook_dict if is_opt_in(n)]
         if opt_in:

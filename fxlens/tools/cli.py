@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from .errors import FxlensError, UnknownHookError
+from fxlens.errors import FxlensError, UnknownHookError
 
 EXIT_ERROR = 2
 # the `sites` probe: a short token sequence, enough to give every hook its shape
@@ -127,7 +127,7 @@ def _summary(cache, limit: int = 12) -> str:
 
 
 def cmd_smollm2(args) -> int:
-    from .checkpoints import load_smollm2
+    from fxlens.tools.checkpoints import load_smollm2
 
     print("loading SmolLM2-135M-Instruct (GGUF, dequantised to float32) and instrumenting it ...",
           flush=True)
@@ -148,7 +148,7 @@ def cmd_smollm2(args) -> int:
 # --- dump ------------------------------------------------------------------------------
 
 def cmd_dump(args) -> int:
-    from . import dump
+    from fxlens.tools import dump
 
     fmt = dump.format_of(args.output, args.format)
     dump.check_writable(args.output)   # before the slow load, not after it
@@ -180,7 +180,7 @@ def probe_tokens(model) -> torch.Tensor:
 
 def hook_modules(model) -> dict[str, str]:
     """Hook name -> the HF module path its node came from."""
-    from .graph import module_path
+    from fxlens.ir.graph import module_path
 
     return {n.meta["fxlens.site"]: module_path(n) for n in model.graph_module.graph.nodes
             if "fxlens.site" in n.meta}
@@ -203,7 +203,8 @@ def cmd_sites(args) -> int:
 # --- explore ---------------------------------------------------------------------------
 
 def cmd_explore(args) -> int:
-    from . import dump, explorer
+    from fxlens.tools import dump
+    from fxlens.tools import explorer
 
     explorer.graph_builder()   # the extra is there, before the slow load
     with progress(f"fxlens: {args.model}") as status:
@@ -265,7 +266,7 @@ def cache_metadata(model, prompt: str, tokens: torch.Tensor) -> dict[str, str]:
 def save_activations(cache, path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from .dump import DumpError
+    from fxlens.tools.dump import DumpError
 
     # chained hooks hand one tensor to two names (resid_post -> next resid_pre)
     # and layouts leave views; safetensors wants separate contiguous storage
@@ -277,7 +278,7 @@ def save_activations(cache, path, metadata: dict[str, str]) -> None:
 
 
 def cmd_cache(args) -> int:
-    from .dump import check_writable
+    from fxlens.tools.dump import check_writable
 
     path = check_writable(args.output)
     with progress(f"fxlens: {args.model}") as status:
@@ -309,7 +310,7 @@ def _device(arg: str | None) -> str:
 def cmd_harvest(args) -> int:
     import fxlens
 
-    from .harvesting import DTYPES, Corpus, World
+    from fxlens.tools.harvesting import DTYPES, Corpus, World
 
     Corpus(args.text)   # a missing or unreadable corpus fails before the slow load
     world = World.current()
@@ -341,7 +342,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .dump import FORMATS, LEVELS
+    from fxlens.tools.dump import FORMATS, LEVELS
 
     top = argparse.ArgumentParser(prog="fxlens", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)

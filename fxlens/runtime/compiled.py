@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import has_mask_input
-from .names import canonical_order
+from fxlens.frontend.decoder import has_mask_input
+from fxlens.discovery.names import canonical_order
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
 # (inductor reorders reductions and fuses the softmax; sdpa normalises
@@ -338,7 +338,7 @@ class CompiledRunner:
         unpadded calls share one compiled graph."""
         model = self.model
         # sites with hooks (a backward hook is registered by its HookPoint as it runs: it cuts
-        # the graph too) or an SAE (fxlens.saes)
+        # the graph too) or an SAE (fxlens.interp.saes)
         hooked = model._hooked_sites()
         v = self.variant(cache_names, hooked)
         before = self.compilations
@@ -422,7 +422,7 @@ def _why(exc: Exception) -> str:
 
 def _user_stacklevel() -> int:
     """Stack level of the first frame outside fxlens and torch (the user's call)."""
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+    skip = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))   # fxlens/, torch/
     frame, level = sys._getframe(1), 1     # level 1: the caller, who warns
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1

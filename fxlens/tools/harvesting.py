@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ContextLengthError, HarvestError
+from fxlens.errors import ContextLengthError, HarvestError
 
 INDEX = "index.json"
 FORMAT = "fxlens harvest"
@@ -277,7 +277,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], plan: Plan, rows: 
 
 def _resolve_sites(model, names) -> list[str]:
     """Hook names from names / globs / a predicate, in TransformerLens order."""
-    from .cli import resolve_names
+    from fxlens.tools.cli import resolve_names
 
     if callable(names):
         chosen = [n for n in model.hook_names if names(n)]
@@ -483,7 +483,7 @@ def _run_shard(tokens: torch.Tensor, plan: Plan, forward, device) -> dict[str, t
 
 
 def _index(plan: Plan, everyone: list[dict], total_rows: int, world: World, text, max_tokens) -> dict:
-    from .cli import _version
+    from fxlens.tools.cli import _version
 
     shards = sorted((e for r in everyone for e in r["shards"]), key=lambda e: e["rows"][0])
     return {"format": FORMAT, "fxlens_version": _version(), "model": plan.model, "sites": plan.sites,

@@ -32,9 +32,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import SAEError, UnknownHookError
-from .hook_points import HookPoint
-from .names import SAE_SITES
+from fxlens.errors import SAEError, UnknownHookError
+from fxlens.ir.hook_points import HookPoint
+from fxlens.discovery.names import SAE_SITES
 
 # the sites the splice itself calls (SAELens's wrapper makes its own as well):
 # the error term exists only with use_error_term, the output is what flows on

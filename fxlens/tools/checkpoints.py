@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .errors import CaptureError
+from fxlens.errors import CaptureError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

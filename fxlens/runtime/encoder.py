@@ -42,19 +42,19 @@ import torch.fx as fx
 from torch import nn
 from safetensors import SafetensorError
 
-from . import _compat
-from .analysis import (BlockSpec, ModelSpec, _find_blocks, _Graph, _module_output, _nodes_in,
+from fxlens.frontend import compat
+from fxlens.discovery.decoder import (BlockSpec, ModelSpec, _find_blocks, _Graph, _module_output, _nodes_in,
                        _norm_of, _norm_paths, _Sites, analyse_attention, analyse_mlp, block_input,
                        residual_layout)
-from .capture import Captured, corrupt_weights_error, load_model, n_ctx_of, own_tensors
-from .config import make_config
-from .errors import CaptureError, SelfCheckError, UnmappableModelError
-from .graph import ancestors, is_layout, linear_parts, module_paths, output_node, same_size, shape, walk_back
-from .hook_points import Layout
-from .model import HookedModel
-from .names import block_name
-from .params import get_tensor
-from .passes_base import PassResult
+from fxlens.frontend.decoder import Captured, corrupt_weights_error, load_model, n_ctx_of, own_tensors
+from fxlens.discovery.config import make_config
+from fxlens.errors import CaptureError, SelfCheckError, UnmappableModelError
+from fxlens.ir.graph import ancestors, is_layout, linear_parts, module_paths, output_node, same_size, shape, walk_back
+from fxlens.ir.hook_points import Layout
+from fxlens.runtime.model import HookedModel
+from fxlens.discovery.names import block_name
+from fxlens.ir.params import get_tensor
+from fxlens.ir.pass_result import PassResult
 
 aten = torch.ops.aten
 
@@ -113,7 +113,7 @@ class EncoderCaptured(Captured):
     kind = "encoder"
 
     def graph_module(self, own: bool = True) -> fx.GraphModule:
-        gm = route_optional_inputs(_compat.plain_graph_module(self.program.module()))
+        gm = route_optional_inputs(compat.plain_graph_module(self.program.module()))
         return own_tensors(gm) if own else gm
 
 
@@ -171,7 +171,7 @@ def load_encoder(source, dtype=torch.float32, **hf_kwargs):
 def export_encoder(model, n_ctx: int) -> torch.export.ExportedProgram:
     """Export `model(input_ids, attention_mask=, token_type_ids=)` (those the forward
     takes) with dynamic batch and sequence."""
-    batch, seq = _compat.export_dims(n_ctx)
+    batch, seq = compat.export_dims(n_ctx)
     vocab = model.get_input_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     probe = torch.randint(0, vocab, (2, min(8, n_ctx)), generator=torch.Generator().manual_seed(0)).to(device)
@@ -395,7 +395,7 @@ def discover_encoder_sites(gm: fx.GraphModule, ctx) -> PassResult:
 
 
 def encoder_pipeline() -> tuple:
-    from .pipeline import BACK, FRONT
+    from fxlens.pipeline import BACK, FRONT
 
     expose = next(p for p in FRONT if p[0] == "expose_norms")
     return (expose, ("discover_sites", discover_encoder_sites)) + BACK
@@ -534,8 +534,8 @@ def _self_check(gm, hf_model, n_ctx: int, d_vocab: int, rtol: float) -> float:
 
 def build_encoder(source, *, device=None, dtype=torch.float32, self_check: bool = True, on_pass=None,
                   hf_kwargs: dict) -> HookedEncoder:
-    from . import _HF_KWARGS, PROCESSING_FLAGS, SELF_CHECK_RTOL, _module_path
-    from .pipeline import Context, run_pipeline
+    from fxlens.api import _HF_KWARGS, PROCESSING_FLAGS, SELF_CHECK_RTOL, _module_path
+    from fxlens.pipeline import Context, run_pipeline
 
     unknown = set(hf_kwargs) - _HF_KWARGS
     if unknown:

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.fx as fx
 
-from .graph import is_layout
+from fxlens.ir.graph import is_layout
 
 
 CASTS = {torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,

@@ -2,7 +2,7 @@
 
 `column_maps` finds, per block, which stored weight entries make up each
 head's W_Q/W_K/W_V and W_O and the MLP's W_in/W_gate/W_out, by index tracing
-(fxlens/trace.py) -- so fused QKV (GPT-2, GPT-NeoX, Falcon) and fused gate/up
+(fxlens/ir/trace.py) -- so fused QKV (GPT-2, GPT-NeoX, Falcon) and fused gate/up
 need no per-architecture layout table.
 
 Shapes (TransformerLens): W_Q [head, d_model, d_head], W_O [head, d_head, d_model],
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graph import linear_parts, walk_back, is_layout
-from .errors import UnmappableModelError
-from .editable import read_only, read_param, stack
-from .params import Linear, get_tensor
-from .trace import NotIndex, apply_chain, trace_indices
+from fxlens.ir.graph import linear_parts, walk_back, is_layout
+from fxlens.errors import UnmappableModelError
+from fxlens.interp.editable import read_only, read_param, stack
+from fxlens.ir.params import Linear, get_tensor
+from fxlens.ir.trace import NotIndex, apply_chain, trace_indices
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _oriented(lin: Linear):
 class BlockWeights:
     """`model.blocks[L]` views: `.attn.W_Q`, `.mlp.W_in`, ... (and `.W_Q` directly).
 
-    Each view is an `EditableWeight` (fxlens/editable.py): in-place edits
+    Each view is an `EditableWeight` (fxlens/interp/editable.py): in-place edits
     (`W_O[h] = 0`, `W_Q.zero_()`) are written back to the graph's parameters.
     """
 
@@ -381,7 +381,7 @@ class WeightsMixin:
         embedding's output, so offsets like OPT's are already applied)."""
         if self.spec.pos_embed is None:
             raise AttributeError("W_pos: this model has no learned position embedding")
-        from .trace import values_at
+        from fxlens.ir.trace import values_at
         return read_only(values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx), "W_pos",
                          "W_pos is read off the position embedding's output, not stored as one tensor; "
                          "change positions with a hook on hook_pos_embed")

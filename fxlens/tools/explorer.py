@@ -1,6 +1,6 @@
 """Google's Model Explorer (`ai-edge-model-explorer`, the `fxlens[explorer]` extra).
 
-`to_model_explorer(G)` turns the annotated graph of fxlens.dump (`to_networkx`)
+`to_model_explorer(G)` turns the annotated graph of fxlens.tools.dump (`to_networkx`)
 into Model Explorer's graph, built with its own `graph_builder` classes: one
 GraphNode per FX node, keyed by the node's name, with an IncomingEdge per input.
 Nodes are grouped by namespace along TransformerLens's structure: a hook node by
@@ -24,7 +24,7 @@ from collections import Counter
 import networkx as nx
 import torch
 
-from .errors import FxlensError
+from fxlens.errors import FxlensError
 
 FORMAT = "model-explorer"
 _HOOK_STYLE = {"backgroundColor": "#ffe08a", "borderColor": "#a07000"}

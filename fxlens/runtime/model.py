@@ -8,16 +8,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .cache import ActivationCache
-from .capture import has_mask_input
-from .errors import ContextLengthError, FxlensError, InputError, NotApplicableError, PaddingError, UnknownHookError
-from .analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
-from .generate import GenerateMixin
-from .hook_points import HookPoint
-from .names import canonical_order, is_opt_in
-from .saes import SAEMixin
-from .tl_surface import TransformerLensMixin, slice_positions
-from .weights import WeightsMixin
+from fxlens.interp.cache import ActivationCache
+from fxlens.frontend.decoder import has_mask_input
+from fxlens.errors import ContextLengthError, FxlensError, InputError, NotApplicableError, PaddingError, UnknownHookError
+from fxlens.interp.analysis_helpers import AnalysisMixin, lm_cross_entropy_loss
+from fxlens.runtime.generate import GenerateMixin
+from fxlens.ir.hook_points import HookPoint
+from fxlens.discovery.names import canonical_order, is_opt_in
+from fxlens.interp.saes import SAEMixin
+from fxlens.interp.tl_surface import TransformerLensMixin, slice_positions
+from fxlens.interp.weights import WeightsMixin
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -135,7 +135,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
                 dynamic: bool = True, fuse_attention: bool = True, hooks: str = "python") -> "HookedModel":
-        """Run through `torch.compile` from now on (see `fxlens.compiled`).
+        """Run through `torch.compile` from now on (see `fxlens.runtime.compiled`).
 
         Each set of observed sites gets its own specialised graph: `run_with_cache`
         names become extra graph outputs, sites nobody observes vanish, and
@@ -150,7 +150,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         sequence lengths reuse it (batch 1 or a 1-token input compiles once more).
         Returns self.
         """
-        from .compiled import CompiledRunner
+        from fxlens.runtime.compiled import CompiledRunner
 
         self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,
                                         dynamic=dynamic, fuse_attention=fuse_attention, hooks=hooks)
@@ -225,7 +225,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         if self._compiled is not None and self._covers(tokens) and (
                 self._compiled.hooks == "python" or not self._has_bwd_hooks()):
             # an SAE's sites are no graph nodes: they are cached by hooks, inside their site's
-            # HookPoint, which the compiled variant runs as Python (fxlens.saes)
+            # HookPoint, which the compiled variant runs as Python (fxlens.interp.saes)
             inner = self._sae_site_names(cache_names)
             if not inner:
                 return self._compiled.run(tokens, cache_names, mask)

@@ -10,7 +10,7 @@ is derived from it:
         to ops, search a hook name, see its shape and module path
   json  networkx node-link data (`networkx.node_link_data`)
   model-explorer  Google Model Explorer's graph JSON, nodes in TransformerLens
-        namespaces (`blocks.3/attn`): see fxlens.explorer
+        namespaces (`blocks.3/attn`): see fxlens.tools.explorer
 
 Two levels: "ops" (every FX node) and "modules" (the quotient graph over
 module groups: one node per block child such as `transformer.h.0.attn`, or per
@@ -39,9 +39,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .errors import FxlensError
-from .graph import module_paths
-from .names import canonical_order
+from fxlens.errors import FxlensError
+from fxlens.ir.graph import module_paths
+from fxlens.discovery.names import canonical_order
 
 FORMATS = ("txt", "dot", "svg", "html", "json", "model-explorer")
 # the formats a file's suffix names (Model Explorer's is JSON too: ask for it by name)
@@ -187,7 +187,7 @@ def _module_class(node: fx.Node, module: str) -> str:
 
 
 # What a hook sees when the graph holds the value in another layout (see
-# fxlens.hook_points.Layout); the node's own shape is the graph's.
+# fxlens.ir.hook_points.Layout); the node's own shape is the graph's.
 LAYOUT_NOTES = {
     "bhsd": "hooks see dims 1 and 2 swapped: [batch, pos, head, d_head]",
     "flat": "hooks see the last dim split into [head, d_head]",
@@ -204,7 +204,7 @@ def _layout(gm: fx.GraphModule, node: fx.Node) -> str:
         return ""
     layout = getattr(gm.get_submodule(node.target), "layout", None)
     kind = getattr(layout, "kind", "same")
-    return "" if kind == "same" else f"{kind}: {LAYOUT_NOTES.get(kind, 'see fxlens.hook_points.Layout')}"
+    return "" if kind == "same" else f"{kind}: {LAYOUT_NOTES.get(kind, 'see fxlens.ir.hook_points.Layout')}"
 
 
 def _block_list(graph: fx.Graph) -> str | None:
@@ -528,7 +528,7 @@ def _tree(G: nx.DiGraph) -> list[dict]:
 
 
 def render_model_explorer(G: nx.DiGraph) -> str:
-    from .explorer import render_model_explorer as render   # the optional extra, imported on use
+    from fxlens.tools.explorer import render_model_explorer as render   # the optional extra, imported on use
     return render(G)
 
 

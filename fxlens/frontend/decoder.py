@@ -18,8 +18,8 @@ import torch.fx as fx
 
 from safetensors import SafetensorError
 
-from . import _compat
-from .errors import CaptureError
+from fxlens.frontend import compat
+from fxlens.errors import CaptureError
 
 
 @dataclass
@@ -35,8 +35,8 @@ class Captured:
     name: str
     info: "CaptureInfo | None" = None   # how torch.export succeeded (see CaptureInfo)
 
-    kind = "decoder"   # "encoder" for fxlens.encoder.EncoderCaptured
-    placed = False   # True where parameters sit on a device map's devices (fxlens.placement)
+    kind = "decoder"   # "encoder" for fxlens.runtime.encoder.EncoderCaptured
+    placed = False   # True where parameters sit on a device map's devices (fxlens.frontend.placement)
 
     def graph_module(self, own: bool = True) -> fx.GraphModule:
         """A fresh graph taking `(input_ids [batch, pos], attention_mask [batch, pos]
@@ -82,7 +82,7 @@ def decoder_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
     was exported with one) gets the default None, and its readers read
     `mask_or_ones(input_ids, attention_mask)`, so callers that pass token ids
     only (self-checks, harvests, the KV decoder) run the unpadded graph."""
-    gm = _compat.plain_graph_module(program.module())
+    gm = compat.plain_graph_module(program.module())
     graph = gm.graph
     mask = next((n for n in graph.nodes if n.op == "placeholder" and n.target == MASK_INPUT), None)
     if mask is None:
@@ -220,7 +220,7 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
     if tokenizer is None and tok_source is not None:
         tokenizer = load_tokenizer(tok_source, hf_kwargs)
     model.eval()
-    _compat.set_eager_attention(model)
+    compat.set_eager_attention(model)
     return model, tokenizer, name
 
 
@@ -394,7 +394,7 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
     (torch.export narrows its range), then a static sequence length. With
     `seq_len` only that static export is made (the per-length fallback).
     Returns (ExportedProgram, CaptureInfo)."""
-    batch_dim, seq = _compat.export_dims(n_ctx)
+    batch_dim, seq = compat.export_dims(n_ctx)
     vocab = model.get_input_embeddings().weight.shape[0]
     length = seq_len or min(8, n_ctx)
     probe = torch.randint(0, vocab, (batch or 2, length), generator=torch.Generator().manual_seed(0))
@@ -450,7 +450,7 @@ def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offlo
     """Load and export a causal LM. With `device_map` (accelerate's forms: "auto",
     a device, {module prefix: device | "disk"}) the model is exported on the
     meta device and each parameter is then loaded where the map puts it
-    (`fxlens.placement`); the full set of weights is never materialised. A
+    (`fxlens.frontend.placement`); the full set of weights is never materialised. A
     BERT-style checkpoint is refused (it is `fxlens.capture_encoder`'s) unless
     `kind="decoder"` forces the causal-LM class."""
     if kind == "auto" and checkpoint_kind(source, hf_kwargs) == "encoder":
@@ -460,7 +460,7 @@ def capture(source, dtype=torch.float32, device_map=None, max_memory=None, offlo
             f"fxlens.capture_encoder(...), or load it with fxlens.from_pretrained(...), which "
             f"gives TransformerLens's HookedEncoder sites; kind='decoder' forces a causal LM.")
     if device_map is not None or max_memory is not None or offload_folder is not None:
-        from .placement import capture_placed
+        from fxlens.frontend.placement import capture_placed
 
         return capture_placed(source, device_map, max_memory=max_memory, offload_folder=offload_folder,
                               dtype=dtype, **hf_kwargs)

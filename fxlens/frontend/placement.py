@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from . import _compat
-from .capture import Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of
-from .errors import CaptureError
+from fxlens.frontend import compat
+from fxlens.frontend.decoder import Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of
+from fxlens.errors import CaptureError
 
 DISK = "disk"
 _AUTO = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -287,14 +287,14 @@ def capture_placed(source, device_map="auto", *, max_memory=None, offload_folder
     model = empty_model(config, dtype, trust_remote_code=bool(hf_kwargs.get("trust_remote_code")))
     if hasattr(model, "tie_weights"):   # tied parameters share one device in the automatic map
         model.tie_weights()
-    _compat.set_eager_attention(model)
+    compat.set_eager_attention(model)
     placement = resolve_device_map(model, device_map, max_memory, dtype)
     n_ctx = n_ctx_of(model.config)
     program = export_graph(model, n_ctx)
     files = CheckpointFiles.of_folder(folder)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if isinstance(
         getattr(model, "_tied_weights_keys", None), dict) else {}
-    weights = load_placed(_compat.plain_graph_module(program.module()), files, placement, tied, offload_folder)
+    weights = load_placed(compat.plain_graph_module(program.module()), files, placement, tied, offload_folder)
     embed = _path_of(model, model.get_input_embeddings())
     input_device = _compute_device(_device_of(f"{embed}.weight", placement))
     if tokenizer is None:

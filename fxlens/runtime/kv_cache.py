@@ -30,8 +30,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .capture import MASK_INPUT, POSITIONS
-from .graph import MATMUL_OPS, SOFTMAX_OPS, same_size, shape, val
+from fxlens.frontend.decoder import MASK_INPUT, POSITIONS
+from fxlens.ir.graph import MATMUL_OPS, SOFTMAX_OPS, same_size, shape, val
 
 aten = torch.ops.aten
 RESIZE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .errors import UnmappableModelError
-from .graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_scale, layout_closure,
+from fxlens.errors import UnmappableModelError
+from fxlens.ir.graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_scale, layout_closure,
                     linear_parts, module_path, module_paths, output_node, same_size, shape,
                     topo_index, val, walk_back)
-from .hook_points import Layout
-from .names import block_name
-from .trace import CASTS
+from fxlens.ir.hook_points import Layout
+from fxlens.discovery.names import block_name
+from fxlens.ir.trace import CASTS
 
 aten = torch.ops.aten
 

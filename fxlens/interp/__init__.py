@@ -1,0 +1,1 @@
+"""Interpretability on a hooked model: activation cache, weight views, TransformerLens surface, SAEs."""

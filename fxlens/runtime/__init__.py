@@ -1,0 +1,1 @@
+"""The hooked models and how they run: HookedModel, HookedEncoder, compiled variants, KV cache, generation."""

@@ -1,0 +1,1 @@
+"""Tools on top of the API: graph dumps, Model Explorer, the command line, harvesting, checkpoints."""
