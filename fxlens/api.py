@@ -18,6 +18,7 @@ from fxlens.runtime.model import HookedModel
 from fxlens.discovery.names import act_name
 from fxlens.discovery.names import is_opt_in as is_opt_in_name
 from fxlens.pipeline import Context, run_pipeline
+from fxlens.runtime.stages import PipelinedModel, join_world
 
 
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
@@ -84,7 +85,7 @@ def _self_check(gm, cap: Captured, n_ctx: int, d_vocab: int, compare_log_probs: 
 
 
 def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend_bos, on_pass,
-           hf_kwargs) -> HookedModel:
+           hf_kwargs, stages=None) -> HookedModel:
     unknown = set(hf_kwargs) - _HF_KWARGS
     if unknown:
         raise TypeError(f"unknown keyword(s) {sorted(unknown)}; fxlens takes "
@@ -110,19 +111,24 @@ def _build(source, flags: dict, device, dtype, self_check: bool, default_prepend
         warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
     if cap.placed and device is not None:
         raise TypeError("device= moves the whole model; with device_map the map places it")
-    device = device or cap.device
+    if stages is not None and cap.placed:
+        raise TypeError("pipeline_stages places each rank's blocks on its device; leave device_map out")
+    stage_device, device = (device, "cpu") if stages is not None else (None, device or cap.device)
     cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
     if ctx.log.get("fold_ln") and cfg.normalization_type in ("LN", "RMS"):
         cfg.normalization_type += "Pre"
     if default_prepend_bos is not None:
         cfg.default_prepend_bos = default_prepend_bos
-    model = HookedModel(gm, ctx.spec, cfg, tokenizer=cap.tokenizer, processing=ctx.log,
-                        pass_results=ctx.results)
+    model_cls = HookedModel if stages is None else PipelinedModel
+    model = model_cls(gm, ctx.spec, cfg, tokenizer=cap.tokenizer, processing=ctx.log,
+                      pass_results=ctx.results)
     model.hf_config = hf.config
     model.capture_info = cap.info
     model._processing_flags = flags      # process_weights_ updates them; per-length graphs follow
     if cap.info is not None and not cap.placed:
         model._graph_at = lambda batch, seq: _graph_at(cap, flags, self_check, model, batch, seq)
+    if stages is not None:
+        return model.place_stages(stages[0], stage_device, stages[1])
     return model if cap.placed else model.to(device)
 
 
@@ -195,7 +201,8 @@ def _is_encoder(source, kind: str, hf_kwargs: dict) -> bool:
 
 def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, self_check: bool = True,
                                   default_prepend_bos: bool | None = None, on_pass=None,
-                                  compile: bool = False, kind: str = "auto", **hf_kwargs) -> HookedModel:
+                                  compile: bool = False, kind: str = "auto", pipeline_stages: int | None = None,
+                    pipeline_microbatches: int | None = None, **hf_kwargs) -> HookedModel:
     """Instrument an HF causal LM with TransformerLens hook points, weights unprocessed.
 
     `source`: a checkpoint folder, a hub id already in the local HF cache, or a
@@ -206,20 +213,43 @@ def from_pretrained_no_processing(source, *, device=None, dtype=torch.float32, s
     masked-LM model type that is not `is_decoder`) is instrumented as
     `encoder_from_pretrained_no_processing` does; `kind="decoder"` / `"encoder"`
     forces one; a checkpoint that is neither is refused (CaptureError).
+
+    `pipeline_stages=K` under `torchrun --nproc-per-node K`: the graph is cut at
+    block boundaries into K stages, one per rank, run with
+    torch.distributed.pipelining in `pipeline_microbatches` microbatches (default
+    K); `device` is this rank's stage device (default its GPU, else the CPU).
+    See `fxlens.runtime.stages`.
     """
     if _is_encoder(source, kind, hf_kwargs):
+        if pipeline_stages is not None:
+            raise NotApplicableError("pipeline_stages applies to causal LMs; this checkpoint is an encoder")
         return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
                                                      on_pass=on_pass, compile=compile, **hf_kwargs)
     flags = {f: False for f in PROCESSING_FLAGS}
-    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs,
+                   _stages(pipeline_stages, pipeline_microbatches, compile))
     return model.compile() if compile else model
+
+
+def _stages(n, microbatches, compile: bool):
+    """(stages, microbatches) for _build, or None without pipeline_stages."""
+    if n is None:
+        if microbatches is not None:
+            raise TypeError("pipeline_microbatches applies with pipeline_stages=K")
+        return None
+    if compile:
+        raise NotApplicableError("compile=True with pipeline_stages: stages run their eager graphs; "
+                                 "drop one of the two")
+    join_world(int(n))          # before the (long) capture: a missing torchrun fails at once
+    return int(n), microbatches
 
 
 def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: bool = True,
                     center_unembed: bool = True, fold_value_biases: bool = True,
                     refactor_factored_attn_matrices: bool = False, device=None, dtype=torch.float32,
                     self_check: bool = True, default_prepend_bos: bool | None = None, on_pass=None,
-                    compile: bool = False, kind: str = "auto", **hf_kwargs) -> HookedModel:
+                    compile: bool = False, kind: str = "auto", pipeline_stages: int | None = None,
+                    pipeline_microbatches: int | None = None, **hf_kwargs) -> HookedModel:
     """Instrument with TransformerLens's weight processing (its defaults: the four
     flags on). Each flag is a compiler pass; one that cannot apply to part of
     the model is skipped there with a warning, and `model.processing` records
@@ -229,8 +259,11 @@ def from_pretrained(source, *, fold_ln: bool = True, center_writing_weights: boo
                  center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                  refactor_factored_attn_matrices=refactor_factored_attn_matrices)
     if _is_encoder(source, kind, hf_kwargs):
+        if pipeline_stages is not None:
+            raise NotApplicableError("pipeline_stages applies to causal LMs; this checkpoint is an encoder")
         warn_processing_skipped(flags)
         return encoder_from_pretrained_no_processing(source, device=device, dtype=dtype, self_check=self_check,
                                                      on_pass=on_pass, compile=compile, **hf_kwargs)
-    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs)
+    model = _build(source, flags, device, dtype, self_check, default_prepend_bos, on_pass, hf_kwargs,
+                   _stages(pipeline_stages, pipeline_microbatches, compile))
     return model.compile() if compile else model

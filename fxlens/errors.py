@@ -81,3 +81,8 @@ class NotApplicableError(FxlensError, NotImplementedError):
 class SAEError(FxlensError, ValueError):
     """An SAE that cannot be spliced at its site: a hook name the model lacks, an
     input width other than the site's, or a kind fxlens does not splice (a transcoder)."""
+
+
+class PipelineError(FxlensError):
+    """The instrumented graph cannot be cut into pipeline stages, or the process
+    world does not match the stages asked for."""

@@ -360,6 +360,10 @@ def harvest(model, texts, names, *, out_dir, seq_len: int, batch_size: int, max_
     prepend_bos BOS at row starts and between documents (default: cfg.default_prepend_bos)
     progress    the bar on stderr (None: only when stderr is a terminal)
     """
+    if getattr(model, "pipeline", None) is not None:
+        raise HarvestError("harvest splits batches between the torchrun ranks (data parallel); a model "
+                           "loaded with pipeline_stages needs every rank on every batch: load it without "
+                           "pipeline_stages")
     if seq_len < 2 or batch_size < 1:
         raise HarvestError(f"seq_len={seq_len}, batch_size={batch_size}: a row needs at least 2 tokens "
                            f"and a batch at least one row")
