@@ -45,6 +45,7 @@ def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult
         gm.add_module(CONTAINER, torch.nn.Module())
     existing = {n.meta["fxlens.site"] for n in graph.nodes if "fxlens.site" in n.meta}
     inserted = 0
+    routings: dict = {}
     for node in list(graph.nodes):
         sites = node.meta.get("fxlens.sites")
         if not sites:
@@ -63,6 +64,8 @@ def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult
             args = (cur,)
             if layout.needs_batch:
                 args = (cur, _batch_node(graph))
+            elif layout.needs_routing:
+                args = (cur, _routing_node(graph, node.meta["fxlens.routing"], routings))
             with graph.inserting_after(cur if cur.op != "placeholder" else _last_placeholder(graph)):
                 h = graph.call_module(hook_target(name), args)
             h.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
@@ -83,6 +86,20 @@ def insert_hooks(gm: fx.GraphModule, only: set[str] | None = None) -> PassResult
     graph.lint()
     gm.recompile()
     return PassResult(NAME, matched=inserted)
+
+
+def _routing_node(graph: fx.Graph, routing: tuple[fx.Node, fx.Node], made: dict) -> fx.Node:
+    """An MoE's routing as one [2, pairs] tensor (sorted expert ids, flat pair
+    indices), the second input of its experts' HookPoints (Layout "expert");
+    one node per routing, right after the later of the two."""
+    if routing not in made:
+        ids, flat = routing
+        last = max(routing, key=lambda n: list(graph.nodes).index(n))
+        with graph.inserting_after(last):
+            made[routing] = graph.call_function(torch.ops.aten.stack.default, ([ids, flat],))
+        made[routing].meta.update({"nn_module_stack": dict(ids.meta.get("nn_module_stack", {})),
+                                   "fxlens.created_by": NAME})
+    return made[routing]
 
 
 def _last_placeholder(graph: fx.Graph) -> fx.Node:

@@ -15,6 +15,8 @@ entries only (TL holds -inf where HF holds the dtype's minimum).
 import functools
 import json
 import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -29,12 +31,7 @@ ARCHS = sorted(p.parent.name for p in REF.glob("*/hooks.json"))
 # TL hooks fxlens does not yet give TL's tensor for (blocks.L. = every layer), per arch;
 # a "processed:" prefix limits an entry to that mode. The test asserts the failing set is
 # exactly this, so a fix (or a regression) fails until the table says so.
-# HF's export routes experts through one grouped matmul over the (token, slot) pairs sorted
-# by expert, token-major; TL lists each expert's rows slot-major. A layout that slices and
-# reorders those data-dependent rows per expert is not written yet.
-_EXPERTS = {f"blocks.L.mlp.experts.{e}.{site}": "per-expert sites not mapped yet"
-            for e in range(4) for site in ("hook_pre", "hook_gate", "hook_post")}
-KNOWN_GAPS: dict[str, dict[str, str]] = {"mixtral": _EXPERTS}
+KNOWN_GAPS: dict[str, dict[str, str]] = {}
 
 
 def _known_gaps(arch: str, mode: str) -> set[str]:
@@ -189,7 +186,6 @@ CFG_GAPS = {
     "qwen3": {"n_ctx": "TL caps Qwen3 at 2048 whatever the checkpoint says; fxlens reads the checkpoint (128)"},
     "olmo": {"eps": "OLMo's config names no eps (its LayerNorm fixes 1e-5); fxlens reads eps from the config"},
     "olmo2": {"use_qk_norm": "TL keys OLMo 2's q/k norms off the architecture name and leaves the flag False"},
-    "mixtral": {"d_mlp": "experts not mapped yet", "gated_mlp": "experts not mapped yet"},
 }
 
 
@@ -200,3 +196,73 @@ def test_cfg_is_transformerlens_cfg(arch):
         cfg = _model(arch, mode).cfg
         differ = {f for f in CFG_FIELDS if getattr(cfg, f) != tl_cfg[f]}
         assert differ == set(CFG_GAPS.get(arch, {})), {f: (getattr(cfg, f), tl_cfg[f]) for f in differ}
+
+
+def test_expert_hooks_edit_only_their_experts_rows():
+    """mlp.experts.E.hook_post holds expert E's rows in TransformerLens's order (the
+    tokens that chose E in slot 0, then in slot 1) and writes back: zeroing expert 1's
+    rows takes from each token that chose it exactly its routing weight times expert
+    1's down projection of its row (a hand computation from the router's cache and the
+    checkpoint's w2), and nothing from the other tokens; returning the rows unchanged
+    keeps the logits."""
+    model = _model("mixtral", "raw")
+    tokens = _ref("mixtral", "tokens")["tokens"]
+    site, mlp_out = "blocks.0.mlp.experts.1.hook_post", "blocks.0.hook_mlp_out"
+    router = ["blocks.0.mlp.hook_expert_weights", "blocks.0.mlp.hook_expert_indices"]
+    _, base = model.run_with_cache(tokens, names_filter=[*router, site, mlp_out])
+    with model.hooks(fwd_hooks=[(site, lambda x, hook: torch.zeros_like(x))]):
+        _, cut = model.run_with_cache(tokens, names_filter=[mlp_out])
+    same = model.run_with_hooks(tokens, fwd_hooks=[(site, lambda x, hook: x.clone())])
+    assert rel_err(same, _ref("mixtral", "raw_logits")["logits"]) <= RTOL
+
+    top, chosen = base[router[0]].topk(2, dim=-1)               # Mixtral renormalises its top 2
+    top = top / top.sum(-1, keepdim=True)
+    assert torch.equal(chosen, base[router[1]])
+    slot, token = torch.where(chosen.T == 1)                    # TransformerLens's row order
+    w2 = load_file(REF / "mixtral" / "hf" / "model.safetensors")[
+        "model.layers.0.block_sparse_moe.experts.1.w2.weight"]
+    taken = torch.zeros(chosen.shape[0], w2.shape[0])
+    taken.index_add_(0, token, top[token, slot, None] * (base[site] @ w2.T))
+    want = base[mlp_out].flatten(0, 1) - taken
+    assert rel_err(cut[mlp_out].flatten(0, 1), want) <= RTOL
+    untouched = torch.ones(chosen.shape[0], dtype=torch.bool)
+    untouched[token] = False
+    assert untouched.any() and torch.equal(cut[mlp_out].flatten(0, 1)[untouched],
+                                           base[mlp_out].flatten(0, 1)[untouched])
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "granitemoe"])
+def test_expert_sites_hold_each_experts_routed_rows(arch):
+    """Other routed-expert models (OLMoE: full-softmax router; GraniteMoE: softmax
+    over the top-k logits only, so no hook_expert_weights) get the same per-expert
+    sites from the routing's dataflow: expert E's hook_gate / hook_pre / hook_post
+    are gate, up and act(gate) * up of the rows that chose E, slot by slot then
+    token by token, computed by hand from what HF's experts module receives (its
+    hidden rows and top-k indices, caught with a forward hook) and its weights."""
+    sys.path.insert(0, str(DATA.parent.parent / "scripts"))
+    import support_matrix
+    hf = support_matrix.tiny_model(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fxlens.from_pretrained_no_processing(hf)
+    experts = next(m for m in hf.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter))
+    seen = {}
+    handle = experts.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], chosen=args[1]))
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hf(tokens, use_cache=False)
+    handle.remove()
+    _, cache = model.run_with_cache(tokens)
+    n_experts = experts.gate_up_proj.shape[0]
+    rows = 0
+    for e in range(n_experts):
+        slot, token = torch.where(seen["chosen"].T == e)
+        with torch.no_grad():
+            gate, up = (seen["x"][token] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            post = experts.act_fn(gate) * up
+        for site, want in (("hook_gate", gate), ("hook_pre", up), ("hook_post", post)):
+            got = cache[f"blocks.0.mlp.experts.{e}.{site}"]
+            assert got.shape == want.shape and (want.numel() == 0 or rel_err(got, want) <= RTOL), (e, site)
+        rows += len(token)
+    assert rows == tokens.numel() * seen["chosen"].shape[-1]
+    assert model.cfg.d_mlp == experts.gate_up_proj.shape[1] // 2 and model.cfg.gated_mlp

@@ -36,9 +36,9 @@ import torch.fx as fx
 from fxlens.errors import UnmappableModelError
 from fxlens.ir.graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_scale, layout_closure,
                     linear_parts, module_path, module_paths, output_node, same_size, shape,
-                    topo_index, val, walk_back)
+                    tensor_inputs, topo_index, val, walk_back)
 from fxlens.ir.hook_points import Layout
-from fxlens.discovery.names import block_name
+from fxlens.discovery.names import EXPERT_SITES, block_name
 from fxlens.ir.trace import CASTS
 
 aten = torch.ops.aten
@@ -540,6 +540,9 @@ def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: Attentio
     if linear_parts(writer) is None or not reading:
         moe = True  # routed experts: branch sites only, no single pre/post
         _router_sites(sites, name, mnodes)
+        experts = _expert_sites(sites, name, mnodes)
+        if experts is not None:
+            d_mlp, gated = experts, True
     else:
         post = walk_back(linear_parts(writer)[0], is_layout)[-1]
         mclosure = {}
@@ -593,6 +596,80 @@ def _router_sites(sites: _Sites, name, mnodes: list) -> None:
         sites.add(name("mlp.hook_expert_weights"), sm)
         sites.add(name("mlp.hook_expert_indices"), indices[0])
         return
+
+
+# TransformerLens's sites of each routed expert (MoEGatedMLP), EXPERT_SITES: hook_gate
+# = the gate projection (before the activation), hook_pre = the linear one (up),
+# hook_post = act(gate) * up
+
+
+def _expert_sites(sites: _Sites, name, mnodes: list) -> int | None:
+    """Each routed expert's mlp.experts.E.* sites, where the experts run together on
+    the (token, slot) pairs sorted by expert (a grouped matmul over a [E, ...] weight):
+    the router's topk indices [tokens, k] over [tokens, E] scores are flattened and
+    sorted (values: each pair's expert, indices: its flat token*k + slot), the
+    hidden rows gathered by flat // k, projected, and post = act(gate) * up on those
+    rows. The sites hold all pairs' rows; Layout "expert" shows expert E's in
+    TransformerLens's order (`expert_rows`), from the routing the HookPoint reads as
+    its second input (`meta["fxlens.routing"]` = (sorted ids, flat indices) on the
+    site nodes). Returns d_mlp, or None where no such structure is found (no
+    per-expert sites: experts that are not gated, or not run on sorted pairs)."""
+    for topk in mnodes:
+        if topk.target is not aten.topk.default or shape(topk.args[0]) is None:
+            continue
+        indices = [u for u in topk.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(indices) != 1:
+            continue
+        d_mlp = _sorted_expert_sites(sites, name, mnodes, indices[0], shape(topk.args[0])[-1])
+        if d_mlp is not None:
+            return d_mlp
+    return None
+
+
+def _sorted_expert_sites(sites: _Sites, name, mnodes: list, indices: fx.Node, n_experts: int) -> int | None:
+    k = shape(indices)[-1]
+    sort = next((u for n in layout_closure(indices) for u in n.users if u.target is aten.sort.default), None)
+    if sort is None:
+        return None
+    got = {u.args[1]: u for u in sort.users if u.target is operator.getitem}
+    if set(got) != {0, 1}:
+        return None
+    ids, flat = got[0], got[1]
+    pairs = shape(ids)[0]
+    gathered = {u for d in flat.users if d.target is aten.floor_divide.default and d.args[1] == k
+                for u in d.users if u.target is aten.index.Tensor}
+    if not gathered:
+        return None
+
+    def rows(n):
+        return val(n) is not None and val(n).dim() == 2 and same_size(shape(n)[0], pairs)
+
+    def producer(n):     # back through layout ops, a chunk's getitem included
+        while is_layout(n) and isinstance(n.args[0], fx.Node):
+            n = n.args[0]
+        return n
+
+    for post in mnodes:
+        if post.target is not aten.mul.Tensor or not rows(post):
+            continue
+        ins = [a for a in post.args if isinstance(a, fx.Node) and rows(a)]
+        if len(ins) != 2:
+            continue
+        for act, up in (ins, ins[::-1]):
+            if is_layout(act) or len(tensor_inputs(act)) != 1:
+                continue
+            gate = tensor_inputs(act)[0]
+            proj = producer(gate)
+            if producer(up) is not proj or proj is gate or not rows(gate) \
+                    or not gathered & (ancestors(proj) | {proj}):
+                continue
+            for n in (gate, up, post):
+                n.meta["fxlens.routing"] = (ids, flat)
+            for e in range(n_experts):
+                for short, node in zip(EXPERT_SITES, (gate, up, post)):
+                    sites.add(name(f"mlp.experts.{e}.{short}"), node, Layout("expert", expert=e, top_k=k))
+            return shape(post)[-1]
+    return None
 
 
 def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:

@@ -7,6 +7,8 @@ order, which is also the order of keys in an ActivationCache.
 
 from __future__ import annotations
 
+import re
+
 EMBED_SITES = ("hook_embed", "hook_pos_embed")
 
 BLOCK_SITES = (
@@ -19,11 +21,14 @@ BLOCK_SITES = (
     "ln1_post.hook_scale", "ln1_post.hook_normalized",
     "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
     "ln2.hook_scale", "ln2.hook_normalized",
-    "mlp.hook_expert_weights", "mlp.hook_expert_indices",
+    "mlp.hook_expert_weights", "mlp.hook_expert_indices",   # then mlp.experts.E.* (EXPERT_SITES)
     "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
     "ln2_post.hook_scale", "ln2_post.hook_normalized",
     "hook_mlp_out", "hook_resid_post",
 )
+
+# each routed expert's sites, mlp.experts.E.<site>, in the order TransformerLens runs them
+EXPERT_SITES = ("hook_gate", "hook_pre", "hook_post")
 
 FINAL_SITES = ("ln_final.hook_scale", "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out")
 
@@ -98,6 +103,12 @@ def canonical_order(names) -> list[str]:
 
     def site_key(name):
         layer, short = split_name(name)
+        expert = re.fullmatch(r"mlp\.experts\.(\d+)\.(hook_\w+)", short)
+        if layer is not None and expert:
+            # after the router's sites, by expert, each in EXPERT_SITES order
+            e, sub = int(expert.group(1)), expert.group(2)
+            sub_rank = EXPERT_SITES.index(sub) if sub in EXPERT_SITES else len(EXPERT_SITES)
+            return (1, layer, rank_block["mlp.hook_expert_indices"] + 0.5, f"{e:08d}.{sub_rank}.{sub}")
         if layer is not None:
             return (1, layer, rank_block.get(short, len(rank_block)), short)
         if short in rank_embed:

@@ -33,24 +33,39 @@ class Layout:
     "tokens" ([b*s, d] <-> [b, s, d], where a model flattens batch and pos) |
     "squeeze3" ([b, s, h, 1, d] <-> [b, s, h, d], Falcon's grouped k/v) |
     "rows" ([b, s, h, d] <-> [b*s*h, d]: a per-head q/k norm, which TransformerLens
-    applies to the flattened rows) | "bhsd_rows" (the same from [b, h, s, d]).
+    applies to the flattened rows) | "bhsd_rows" (the same from [b, h, s, d]) |
+    "expert" (the rows of routed expert `expert` out of the [tokens*top_k, d]
+    (token, slot) pairs an MoE sorted by expert, in TransformerLens's order: slot,
+    then token; see `expert_rows`).
+
+    `aux` is the HookPoint's second input: the batch size ("batch", "tokens") or the
+    routing ("expert": [2, tokens*top_k] = the pairs' sorted expert ids and their
+    flat (token*top_k + slot) indices).
     """
 
     kind: str = "same"
     needs_batch = property(lambda self: self.kind in ("batch", "tokens"))
+    needs_routing = property(lambda self: self.kind == "expert")
     heads: int = 0
     d_head: int = 0
     # > 1 when the node holds each kv head `group` times over (k repeated to all
     # query heads before rotary, Falcon); hooks see the kv heads once
     group: int = 1
+    expert: int = 0
+    top_k: int = 0
 
-    def to_tl(self, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    def to_tl(self, x: torch.Tensor, batch=None) -> torch.Tensor:
+        if self.kind == "expert":
+            return x[expert_rows(batch, self.expert, self.top_k)]
         y = self._to_tl(x, batch)
         if self.group > 1:  # [b, s, kv*group, d] -> [b, s, kv, d]: the copies are equal
             y = y.unflatten(2, (-1, self.group))[:, :, :, 0]
         return y
 
-    def from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def from_tl(self, y: torch.Tensor, like: torch.Tensor, aux=None) -> torch.Tensor:
+        if self.kind == "expert":
+            # the other experts' rows stay as they were
+            return like.index_put((expert_rows(aux, self.expert, self.top_k),), y)
         if self.group > 1:
             y = y.repeat_interleave(self.group, dim=2)
         return self._from_tl(y, like)
@@ -96,6 +111,21 @@ class Layout:
         return y
 
 
+def expert_rows(routing: torch.Tensor, expert: int, top_k: int) -> torch.Tensor:
+    """Which rows of an MoE's expert-sorted (token, slot) pairs are expert `expert`'s,
+    in TransformerLens's order. `routing` is [2, tokens*top_k]: row 0 the pairs'
+    expert ids (sorted), row 1 each pair's flat index token*top_k + slot.
+    TransformerLens runs expert E on `torch.where(one_hot(indices)[E])` of the
+    [top_k, tokens] mask: the tokens that chose E in slot 0, then in slot 1, ...,
+    each by token. A token picks an expert once, so the key slot*tokens + token is
+    unique and the order exact."""
+    ids, flat = routing[0], routing[1]
+    rows = (ids == expert).nonzero().squeeze(1)
+    n_tokens = flat.shape[0] // top_k
+    key = (flat[rows] % top_k) * n_tokens + flat[rows] // top_k
+    return rows[key.argsort()]
+
+
 # Sample sizes for the symbolic (batch, pos, ...) sizes when tracing a layout:
 # distinct, large and prime, so that no symbolic size equals a static one (or
 # another symbolic one) by accident and the traced graph reads each size from
@@ -113,6 +143,12 @@ def emit_layout(graph: fx.Graph, layout: Layout, direction: str, x: fx.Node,
     from_tl input without one takes them from `out_val`, the result's value."""
     if layout.kind == "same" and layout.group == 1:
         return x          # the identity (nodes made by passes may carry no meta["val"])
+    if layout.kind == "expert":
+        # data-dependent rows: no trace on sample sizes; the method itself, called
+        if direction == "to_tl":
+            rows = graph.call_function(expert_rows, (batch, layout.expert, layout.top_k))
+            return graph.call_function(torch.ops.aten.index.Tensor, (x, [rows]))
+        raise ValueError("emit_layout: an expert site maps back only in its HookPoint")
     xv = x.meta.get("val")
     bv = batch.meta["val"] if batch is not None else None
     env = _symbol_samples([v for v in (xv, bv, out_val) if v is not None])
@@ -213,7 +249,7 @@ class HookPoint(nn.Module):
             y = y.view_as(y)
             for fn, _ in list(self.bwd_hooks):
                 y.register_hook(functools.partial(self._run_bwd, fn))
-        return self.layout.from_tl(y, x)
+        return self.layout.from_tl(y, x, batch)
 
     def _run_bwd(self, fn, grad: torch.Tensor) -> torch.Tensor | None:
         out = fn(grad, hook=self)
