@@ -71,3 +71,31 @@ def test_models_counting_positions_from_padding_idx_keep_their_own_positions():
         want = hf(toks).logits
     # float32 through one layer: rounding only (~1e-7); shifted positions move logits by O(1)
     assert (model(toks) - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_a_write_through_a_view_is_kept():
+    """In-place writes through views (a forward hook on the embedding that edits
+    its output as HF code edits hidden states) are functionalised, not renamed
+    away: fxlens's logits and block 0's input equal the eager model's."""
+    from tiny_models import D_HEAD, N_HEADS, tiny_model
+
+    from fxlens.frontend.compat import mutates
+
+    hf = tiny_model("gpt2")
+
+    def edit(module, args, out):              # out [batch, pos, d_model]
+        b, s, _ = out.shape
+        out.view(b, s, N_HEADS, D_HEAD)[..., : D_HEAD // 2].mul_(3.0)   # through a view
+        out[:, 0] += 1.0                                                # through a select
+
+    hf.transformer.wte.register_forward_hook(edit)
+    model = fxlens.from_pretrained_no_processing(hf)   # the load-time self-check passes too
+    assert not any(mutates(n) for n in model.graph_module.graph.nodes)
+    tokens = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+        logits, cache = model.run_with_cache(tokens)
+    assert (logits - out.logits).abs().max() <= 1e-4 * out.logits.abs().max()   # float32 rounding
+    resid = cache["blocks.0.hook_resid_pre"]
+    want = out.hidden_states[0]
+    assert (resid - want).abs().max() <= 1e-5 * want.abs().max()   # the same adds, float32 rounding

@@ -180,7 +180,7 @@ class _NoPositions(GPT2LMHeadModel):
 def _subclassed(cls):
     model = cls(tiny_config("gpt2"))
     model.load_state_dict(tiny_model("gpt2").state_dict())
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     return fxlens.from_pretrained_no_processing(model.eval())
 
 

@@ -82,7 +82,7 @@ def decoder_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
     was exported with one) gets the default None, and its readers read
     `mask_or_ones(input_ids, attention_mask)`, so callers that pass token ids
     only (self-checks, harvests, the KV decoder) run the unpadded graph."""
-    gm = compat.plain_graph_module(program.module())
+    gm = plain_graph_module(program)
     graph = gm.graph
     mask = next((n for n in graph.nodes if n.op == "placeholder" and n.target == MASK_INPUT), None)
     if mask is None:
@@ -99,6 +99,27 @@ def decoder_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def plain_graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a GraphModule called with plain tensors, returning the
+    logits only. `program.module()` flattens inputs and outputs through pytree
+    and, unless `check_guards=False`, checks input shapes in a `_guards_fn`
+    submodule; fxlens checks shapes itself (`CaptureInfo.covers`). The nodes are
+    copied into a fresh `fx.Graph` (which has no pytree codegen), keeping
+    `input_ids` and every placeholder that is read (the `use_cache` flag is not),
+    without export's runtime metadata asserts (they hold no value and would
+    count as users of the tensors site discovery follows)."""
+    gm = program.module(check_guards=False)
+    graph = fx.Graph()
+    outputs = graph.graph_copy(gm.graph, {})
+    for node in list(graph.nodes):
+        if (node.op == "placeholder" and not node.users and node.target != "input_ids") or \
+                (node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default):
+            graph.erase_node(node)
+    graph.output(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)   # the logits
+    graph.lint()
+    return fx.GraphModule(gm, graph)
 
 
 def has_mask_input(gm: fx.GraphModule) -> bool:
@@ -124,13 +145,7 @@ def own_tensors(gm: fx.GraphModule) -> fx.GraphModule:
                 c = t.detach().clone()
             copies[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) \
                 if isinstance(t, torch.nn.Parameter) else c
-        c = copies[id(t)]
-        if attr in owner._parameters:
-            owner._parameters[attr] = c
-        elif attr in owner._buffers:
-            owner._buffers[attr] = c
-        else:
-            setattr(owner, attr, c)
+        setattr(owner, attr, copies[id(t)])   # a parameter stays one, a buffer a buffer
     return gm
 
 
@@ -220,7 +235,8 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
     if tokenizer is None and tok_source is not None:
         tokenizer = load_tokenizer(tok_source, hf_kwargs)
     model.eval()
-    compat.set_eager_attention(model)
+    # site discovery needs the softmax as a node (SDPA / flash kernels hide it)
+    model.set_attn_implementation("eager")
     return model, tokenizer, name
 
 
@@ -432,12 +448,28 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         if method != "per-length" and seq_range[0] == seq_range[1]:
             attempts.append((method, f"sequence length specialised to {seq_range[0]}"))
             continue
-        return ep, CaptureInfo(method=method, input_name=name, seq_range=seq_range,
+        return functionalise(ep), CaptureInfo(method=method, input_name=name, seq_range=seq_range,
                                batch_range=batch_range, attempts=attempts)
     tried = "; ".join(f"{m}: {why}" for m, why in attempts)
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
         f"that torch.export can capture from its input ids.")
+
+
+def functionalise(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The program without in-place ops. Non-strict export keeps them (Falcon's
+    `mlp_output += attention_output`, a write through a view such as
+    `x.view(b, s, h, d)[..., :k].mul_(c)`); a hook on such a value would see it
+    change after it ran, and a rewrite that renamed `add_` to `add` would lose
+    a write made through a view. `run_decompositions({})` functionalises the
+    program (views of a written tensor become `slice_scatter` / `select_scatter`
+    of a fresh value) and, with an empty table, decomposes nothing else:
+    `aten.linear`, `layer_norm`, `softmax` and `matmul` stay whole. A program
+    with no in-place op is already functional and kept as exported (the retrace
+    costs more than the export itself)."""
+    if not any(compat.mutates(n) for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions({})
 
 
 def export_graph(model, n_ctx: int) -> torch.export.ExportedProgram:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from fxlens.frontend import compat
-from fxlens.frontend.decoder import Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of
+from fxlens.frontend.decoder import (Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of,
+                                     plain_graph_module)
 from fxlens.errors import CaptureError
 
 DISK = "disk"
@@ -190,12 +190,9 @@ def _device_of(name: str, device_map: dict):
 def _set_tensor(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:
     prefix, _, leaf = name.rpartition(".")
     owner = gm.get_submodule(prefix) if prefix else gm
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = tensor
-    else:
-        setattr(owner, leaf, tensor)
+    if isinstance(getattr(owner, leaf, None), torch.nn.Parameter):
+        tensor = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    setattr(owner, leaf, tensor)   # a parameter stays one, a buffer a buffer
 
 
 def _offloaded(files: CheckpointFiles, key: str, dtype: torch.dtype, folder) -> torch.Tensor:
@@ -268,7 +265,7 @@ def empty_model(config, dtype, trust_remote_code: bool = False):
     for name, buf in model.named_buffers():
         if buf.device.type == "meta":
             parent, _, leaf = name.rpartition(".")
-            model.get_submodule(parent)._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            setattr(model.get_submodule(parent), leaf, torch.empty_like(buf, device="cpu"))   # a buffer
             owners.add(parent)
     for parent in sorted(owners):
         model._init_weights(model.get_submodule(parent))
@@ -287,14 +284,14 @@ def capture_placed(source, device_map="auto", *, max_memory=None, offload_folder
     model = empty_model(config, dtype, trust_remote_code=bool(hf_kwargs.get("trust_remote_code")))
     if hasattr(model, "tie_weights"):   # tied parameters share one device in the automatic map
         model.tie_weights()
-    compat.set_eager_attention(model)
+    model.set_attn_implementation("eager")   # the softmax as a node, as capture.load_model
     placement = resolve_device_map(model, device_map, max_memory, dtype)
     n_ctx = n_ctx_of(model.config)
     program = export_graph(model, n_ctx)
     files = CheckpointFiles.of_folder(folder)
     tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if isinstance(
         getattr(model, "_tied_weights_keys", None), dict) else {}
-    weights = load_placed(compat.plain_graph_module(program.module()), files, placement, tied, offload_folder)
+    weights = load_placed(plain_graph_module(program), files, placement, tied, offload_folder)
     embed = _path_of(model, model.get_input_embeddings())
     input_device = _compute_device(_device_of(f"{embed}.weight", placement))
     if tokenizer is None:

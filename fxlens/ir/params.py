@@ -77,9 +77,9 @@ def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Ten
     prefix, _, attr = node.target.rpartition(".")
     owner = gm.get_submodule(prefix) if prefix else gm
     if len(node.users) == 1:
-        if attr not in owner._parameters:   # a buffer or plain tensor attribute
+        if not isinstance(getattr(owner, attr), torch.nn.Parameter):   # a buffer or plain tensor
             delattr(owner, attr)
-        owner._parameters[attr] = value
+        owner.register_parameter(attr, value)
         target = node.target
     else:
         # the get_attr feeds other ops too (tied weights): give `user` its own

@@ -46,7 +46,8 @@ from fxlens.frontend import compat
 from fxlens.discovery.decoder import (BlockSpec, ModelSpec, _find_blocks, _Graph, _module_output, _nodes_in,
                        _norm_of, _norm_paths, _Sites, analyse_attention, analyse_mlp, block_input,
                        residual_layout)
-from fxlens.frontend.decoder import Captured, corrupt_weights_error, load_model, n_ctx_of, own_tensors
+from fxlens.frontend.decoder import (Captured, corrupt_weights_error, functionalise, load_model, n_ctx_of,
+                                     own_tensors, plain_graph_module)
 from fxlens.discovery.config import make_config
 from fxlens.errors import CaptureError, SelfCheckError, UnmappableModelError
 from fxlens.ir.graph import ancestors, is_layout, linear_parts, module_paths, output_node, same_size, shape, walk_back
@@ -113,7 +114,7 @@ class EncoderCaptured(Captured):
     kind = "encoder"
 
     def graph_module(self, own: bool = True) -> fx.GraphModule:
-        gm = route_optional_inputs(compat.plain_graph_module(self.program.module()))
+        gm = route_optional_inputs(plain_graph_module(self.program))
         return own_tensors(gm) if own else gm
 
 
@@ -121,6 +122,7 @@ def _hf_class(source: str, hf_kwargs: dict):
     """The class the checkpoint declares (`config.architectures`), else masked LM, else base model."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     cfg_kwargs = {k: hf_kwargs[k] for k in ("revision", "trust_remote_code", "cache_dir",
                                              "local_files_only", "subfolder", "token") if k in hf_kwargs}
@@ -129,8 +131,7 @@ def _hf_class(source: str, hf_kwargs: dict):
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    mapping = AutoModelForMaskedLM._model_mapping
-    return AutoModelForMaskedLM if type(config) in mapping else AutoModel
+    return AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModel
 
 
 def load_encoder(source, dtype=torch.float32, **hf_kwargs):
@@ -181,12 +182,13 @@ def export_encoder(model, n_ctx: int) -> torch.export.ExportedProgram:
     dims = {"input_ids": {0: batch, 1: seq}, **{k: {0: batch, 1: seq} for k in kwargs}}
     try:
         with torch.no_grad():
-            return torch.export.export(model, (probe,), kwargs=kwargs, dynamic_shapes=dims, strict=False)
+            ep = torch.export.export(model, (probe,), kwargs=kwargs, dynamic_shapes=dims, strict=False)
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}. fxlens needs a model that exports "
             f"with dynamic batch and sequence length.") from exc
+    return functionalise(ep)
 
 
 def capture_encoder(source, dtype=torch.float32, **hf_kwargs) -> EncoderCaptured:
