@@ -14,7 +14,14 @@ class CaptureError(FxlensError):
 
 
 class UnmappableModelError(FxlensError):
-    """Site discovery found a structure it cannot map to TransformerLens sites."""
+    """Site discovery found a structure it cannot map to TransformerLens sites.
+
+    `parts` is (what, found, missing) where discovery named them, so a caller
+    that maps another kind of model can say its own scope (the encoder does)."""
+
+    def __init__(self, message: str, parts: tuple[str, str, str] | None = None):
+        super().__init__(message)
+        self.parts = parts
 
 
 class UnknownHookError(FxlensError, KeyError):

@@ -4,6 +4,7 @@
     PROCESSING  fold_ln, center_writing_weights, center_unembed, fold_value_biases
                 (each only when its flag is on; TransformerLens's order)
     BACK        insert_hooks
+    ENCODER     expose_norms, discover_sites (the encoder's), insert_hooks
 
 `reprocess` runs PROCESSING passes on an already instrumented graph
 (HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from fxlens.discovery.decoder import ModelSpec, analyse
+from fxlens.discovery.encoder import discover_encoder_sites
 from fxlens.errors import FxlensError, PassError
 from fxlens.ir.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
                            fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks,
                            split_shared_norms)
 from fxlens.ir.pass_result import PassResult
-from fxlens.interp.weights import column_maps
+from fxlens.discovery.columns import column_maps
 
 
 @dataclass
@@ -65,6 +67,11 @@ PROCESSING = (
 BACK = (
     ("insert_hooks", lambda gm, ctx: insert_hooks(gm)),
 )
+# encoders: post-LN blocks need no norm splitting, and are not processed (as TransformerLens's HookedEncoder)
+ENCODER = (
+    FRONT[1],
+    ("discover_sites", discover_encoder_sites),
+) + BACK
 
 
 def build_pipeline(flags: dict) -> tuple:

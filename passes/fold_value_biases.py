@@ -23,7 +23,7 @@ from fxlens.errors import PassError
 from fxlens.ir.graph import SOFTMAX_OPS, is_layout, same_size, shape, walk_back
 from fxlens.ir.params import Linear
 from fxlens.ir.pass_result import PassResult
-from fxlens.interp.weights import w_o
+from fxlens.discovery.columns import w_o
 
 NAME = "fold_value_biases"
 

@@ -16,7 +16,7 @@ import torch
 
 from fxlens.errors import PassError, ProcessingError, UnmappableModelError
 from fxlens.ir.pass_result import PassResult
-from fxlens.interp.weights import b_qkv, w_o, w_qkv
+from fxlens.discovery.columns import b_qkv, w_o, w_qkv
 
 NAME = "refactor_factored_attn_matrices"
 

@@ -96,7 +96,7 @@ class ModelSpec:
         return len(self.blocks)
 
 
-class _Sites:
+class Sites:
     """Collects annotations; only writes node.meta when discovery succeeded."""
 
     def __init__(self):
@@ -112,13 +112,21 @@ class _Sites:
             node.meta.setdefault("fxlens.sites", []).append((name, layout, edge))
 
 
+SCOPE = ("fxlens maps decoder-only transformers whose blocks each hold one attention (eager softmax) "
+         "and one MLP.")
+
+
+def unmappable(what: str, found: str, missing: str, scope: str = SCOPE) -> UnmappableModelError:
+    """The error of a structure discovery cannot map, ending with what fxlens maps (`scope`)."""
+    return UnmappableModelError(f"cannot map {what}: found {found}; missing {missing}. {scope}",
+                                parts=(what, found, missing))
+
+
 def _fail(what: str, found: str, missing: str) -> UnmappableModelError:
-    return UnmappableModelError(
-        f"cannot map {what}: found {found}; missing {missing}. fxlens maps decoder-only "
-        f"transformers whose blocks each hold one attention (eager softmax) and one MLP.")
+    return unmappable(what, found, missing)
 
 
-class _Graph:
+class ShapedGraph:
     """The graph with the symbols for batch and sequence, and shape predicates."""
 
     def __init__(self, gm: fx.GraphModule):
@@ -163,11 +171,11 @@ def residual_layout(graph: fx.Graph, node: fx.Node, layout: Layout = Layout()) -
     return layout
 
 
-def _nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
+def nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
     return [n for n in graph.nodes if path in module_paths(n)]
 
 
-def _attention_softmaxes(g: "_Graph", nodes) -> list[fx.Node]:
+def _attention_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
     """Softmaxes over [batch, head, query, key] scores (not an MoE router's)."""
     out = []
     for n in nodes:
@@ -177,7 +185,7 @@ def _attention_softmaxes(g: "_Graph", nodes) -> list[fx.Node]:
     return out
 
 
-def _find_blocks(g: _Graph) -> list[tuple[int, str]]:
+def find_blocks(g: ShapedGraph) -> list[tuple[int, str]]:
     softmaxes = _attention_softmaxes(g, g.graph.nodes)
     if not softmaxes:
         sdpa = [n for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
@@ -199,7 +207,7 @@ def _find_blocks(g: _Graph) -> list[tuple[int, str]]:
     return [(i, f"{parent}.{i}") for i in idxs]
 
 
-def _norm_paths(graph: fx.Graph) -> dict[str, dict]:
+def norm_paths(graph: fx.Graph) -> dict[str, dict]:
     norms: dict[str, dict] = {}
     for n in graph.nodes:
         part = n.meta.get("fxlens.norm_part")
@@ -209,7 +217,7 @@ def _norm_paths(graph: fx.Graph) -> dict[str, dict]:
     return norms
 
 
-def _norm_of(node: fx.Node, norms: dict) -> str | None:
+def norm_of(node: fx.Node, norms: dict) -> str | None:
     """The norm module that produced `node` (through layout ops), if any."""
     stop = walk_back(node, is_layout)[-1]
     for p in module_paths(stop):
@@ -226,7 +234,7 @@ def _child(path: str, node: fx.Node) -> str | None:
     return None
 
 
-def _module_output(graph_nodes_of, node: fx.Node, parent: str | None) -> fx.Node:
+def module_output(graph_nodes_of, node: fx.Node, parent: str | None) -> fx.Node:
     """If `node` was made inside a submodule of `parent`, that submodule's output."""
     p = module_path(node)
     if p and p != parent and (parent is None or p.startswith(parent + ".")):
@@ -281,20 +289,20 @@ def embedding_output(embed: fx.Node, resid_pre: fx.Node) -> fx.Node:
 
 def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
             get_output_embeddings_path: str | None) -> ModelSpec:
-    g = _Graph(gm)
+    g = ShapedGraph(gm)
     graph = g.graph
-    sites = _Sites()
-    norms = _norm_paths(graph)
+    sites = Sites()
+    norms = norm_paths(graph)
     cache: dict[str, list[fx.Node]] = {}
 
     def nodes_of(path: str) -> list[fx.Node]:
         if path not in cache:
-            cache[path] = _nodes_in(graph, path)
+            cache[path] = nodes_in(graph, path)
         return cache[path]
 
     blocks = []
     d_model = None
-    for layer, bpath in _find_blocks(g):
+    for layer, bpath in find_blocks(g):
         b = _analyse_block(g, sites, layer, bpath, norms, nodes_of)
         blocks.append(b)
         d_model = d_model or b.d_model
@@ -330,14 +338,14 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
         raise _fail("the unembedding", "no linear in the output embeddings module",
                     f"a linear in {get_output_embeddings_path!r}")
     x_in = linear_parts(unembed)[0]
-    ln_final = _norm_of(x_in, norms)
+    ln_final = norm_of(x_in, norms)
     if ln_final is not None and any(ln_final.startswith(b.path + ".") for b in blocks):
         ln_final = None
     if ln_final:
         sites.add("ln_final.hook_scale", norms[ln_final]["scale"])
         sites.add("ln_final.hook_normalized", norms[ln_final]["normalized"])
     sites.add("unembed.hook_in", walk_back(x_in, is_layout)[-1] if shape(x_in) and len(shape(x_in)) != 3 else x_in)
-    sites.add("unembed.hook_out", _module_output(nodes_of, unembed, ""))
+    sites.add("unembed.hook_out", module_output(nodes_of, unembed, ""))
     d_vocab = shape(unembed)[-1]
     for site, (node, layout, edge) in list(sites.found.items()):
         if not site.endswith(_TOKEN_ROWS):
@@ -385,7 +393,7 @@ class MlpSites:
     moe: bool
 
 
-def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> AttentionSites:
+def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of) -> AttentionSites:
     """The attention sites of block `bpath`, wherever its norms sit: attn_scores,
     pattern, z, q/k/v (rot_q/rot_k) and attn_out."""
     name = lambda short: block_name(layer, short)  # noqa: E731
@@ -422,7 +430,7 @@ def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: d
     projs = [n for n in anodes if linear_parts(n) and n not in after_softmax]
     closure = {}
     for p in projs:
-        for n in layout_closure(_module_output(nodes_of, p, attn)):
+        for n in layout_closure(module_output(nodes_of, p, attn)):
             closure[n] = p
         closure[p] = p
     anc = {r: ancestors(op, inside) | {op} for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}
@@ -434,7 +442,7 @@ def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: d
             node = min(cands, key=g.order.__getitem__)
             chosen[role] = (node, g.head_layout(node, d_head))
             continue
-        flat = [_module_output(nodes_of, p, attn) for p in projs]
+        flat = [module_output(nodes_of, p, attn) for p in projs]
         flat = [n for n in flat if n in anc[role] and n not in excl]
         if len(flat) == 1 and shape(flat[0])[-1] % d_head == 0:
             h = shape(flat[0])[-1] // d_head
@@ -487,7 +495,7 @@ def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: d
     o_proj = _nearest(z_mm, aset, lambda n: linear_parts(n) is not None, back=False)
     if o_proj is None:
         raise _fail(f"attention {attn}", "pattern@V", "an output projection")
-    attn_out, ln1_post = _to_residual_add(_module_output(nodes_of, o_proj, attn), bset, norms, nodes_of)
+    attn_out, ln1_post = _to_residual_add(module_output(nodes_of, o_proj, attn), bset, norms, nodes_of)
     d_model = shape(attn_out)[-1]
     if not g.is_resid(attn_out, d_model):
         raise _fail(f"attention {attn}", f"output of shape {shape(attn_out)}", "a [batch, pos, d_model] output")
@@ -496,7 +504,7 @@ def analyse_attention(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: d
                           n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary)
 
 
-def block_input(g: _Graph, bpath: str, bnodes: list, d_model) -> fx.Node:
+def block_input(g: ShapedGraph, bpath: str, bnodes: list, d_model) -> fx.Node:
     """The residual stream entering block `bpath` (hook_resid_pre)."""
     bset = set(bnodes)
     ins = [a for n in bnodes for a in n.all_input_nodes if a not in bset and g.is_resid(a, d_model)]
@@ -506,7 +514,7 @@ def block_input(g: _Graph, bpath: str, bnodes: list, d_model) -> fx.Node:
     return ins[0]
 
 
-def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: AttentionSites, norms: dict,
+def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: AttentionSites, norms: dict,
                 nodes_of) -> MlpSites:
     """The MLP sites of block `bpath`: mlp.hook_pre / pre_linear / post, and the
     branch output that joins the residual stream (mlp_out)."""
@@ -547,7 +555,7 @@ def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: Attentio
         post = walk_back(linear_parts(writer)[0], is_layout)[-1]
         mclosure = {}
         for r in reading:
-            mclosure.update({n: r for n in layout_closure(_module_output(nodes_of, r, mlp))})
+            mclosure.update({n: r for n in layout_closure(module_output(nodes_of, r, mlp))})
             mclosure[r] = r
         ins2 = [a for a in post.all_input_nodes if val(a) is not None]
         if post.target is aten.mul.Tensor and len(ins2) == 2:
@@ -579,7 +587,7 @@ def analyse_mlp(g: _Graph, sites: _Sites, layer: int, bpath: str, attn: Attentio
 _TOKEN_ROWS = ("mlp.hook_expert_weights", "mlp.hook_expert_indices")
 
 
-def _router_sites(sites: _Sites, name, mnodes: list) -> None:
+def _router_sites(sites: Sites, name, mnodes: list) -> None:
     """An MoE router: a softmax over a linear's [tokens, experts] logits whose
     probabilities pick the experts by topk. TransformerLens's mlp.hook_expert_weights
     is that full softmax, mlp.hook_expert_indices the chosen experts [tokens, k]."""
@@ -603,7 +611,7 @@ def _router_sites(sites: _Sites, name, mnodes: list) -> None:
 # hook_post = act(gate) * up
 
 
-def _expert_sites(sites: _Sites, name, mnodes: list) -> int | None:
+def _expert_sites(sites: Sites, name, mnodes: list) -> int | None:
     """Each routed expert's mlp.experts.E.* sites, where the experts run together on
     the (token, slot) pairs sorted by expert (a grouped matmul over a [E, ...] weight):
     the router's topk indices [tokens, k] over [tokens, E] scores are flattened and
@@ -626,7 +634,7 @@ def _expert_sites(sites: _Sites, name, mnodes: list) -> int | None:
     return None
 
 
-def _sorted_expert_sites(sites: _Sites, name, mnodes: list, indices: fx.Node, n_experts: int) -> int | None:
+def _sorted_expert_sites(sites: Sites, name, mnodes: list, indices: fx.Node, n_experts: int) -> int | None:
     k = shape(indices)[-1]
     sort = next((u for n in layout_closure(indices) for u in n.users if u.target is aten.sort.default), None)
     if sort is None:
@@ -672,7 +680,7 @@ def _sorted_expert_sites(sites: _Sites, name, mnodes: list, indices: fx.Node, n_
     return None
 
 
-def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
+def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
@@ -688,8 +696,8 @@ def _analyse_block(g: _Graph, sites: _Sites, layer: int, bpath: str, norms: dict
     mlp = analyse_mlp(g, sites, layer, bpath, att, norms, nodes_of)
 
     # --- norms feeding attention and MLP ---------------------------------------------
-    ln1 = next((nm for nm in (_norm_of(linear_parts(p)[0], norms) for p in att.projections) if nm), None)
-    ln2 = next((nm for nm in (_norm_of(x, norms) for x in mlp.inputs) if nm), None)
+    ln1 = next((nm for nm in (norm_of(linear_parts(p)[0], norms) for p in att.projections) if nm), None)
+    ln2 = next((nm for nm in (norm_of(x, norms) for x in mlp.inputs) if nm), None)
     if ln2 == ln1:
         ln2 = None
     # a sublayer normalised only after it (OLMo 2) names that norm ln1 / ln2, as
@@ -781,7 +789,7 @@ def _descendants(node: fx.Node, allowed: set) -> set:
     return out
 
 
-def _nearest_in(node: fx.Node, targets: set, g: _Graph) -> fx.Node | None:
+def _nearest_in(node: fx.Node, targets: set, g: ShapedGraph) -> fx.Node | None:
     """The latest node of `targets` that `node` is computed from (or `node` itself)."""
     if node in targets:
         return node

@@ -7,7 +7,10 @@ order, which is also the order of keys in an ActivationCache.
 
 from __future__ import annotations
 
+import fnmatch
 import re
+
+from fxlens.errors import UnknownHookError
 
 EMBED_SITES = ("hook_embed", "hook_pos_embed")
 
@@ -145,3 +148,22 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     if name in ("scale", "normalized") and layer is None:
         full = f"ln_final.{full}"
     return full
+
+
+def resolve_names(hook_names: list[str], names: list[str] | None) -> list[str] | None:
+    """Hook names from the command line: exact names (opt-in sites included),
+    globs like 'blocks.*.attn.hook_pattern', comma-separated lists. None = all."""
+    if not names:
+        return None
+    out: list[str] = []
+    for item in (n.strip() for arg in names for n in arg.split(",")):
+        if not item:
+            continue
+        if any(c in item for c in "*?["):
+            hits = fnmatch.filter(hook_names, item)
+            if not hits:
+                raise UnknownHookError(item, hook_names)
+            out += hits
+        else:
+            out.append(item)
+    return list(dict.fromkeys(out))

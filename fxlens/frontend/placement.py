@@ -38,6 +38,7 @@ import torch.fx as fx
 from fxlens.frontend.decoder import (Captured, decoder_graph, export_graph, load_tokenizer, n_ctx_of,
                                      plain_graph_module)
 from fxlens.errors import CaptureError
+from fxlens.passes.place_devices import place_devices
 
 DISK = "disk"
 _AUTO = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -69,8 +70,6 @@ class PlacedCaptured(Captured):
     def graph_module(self, own: bool = True) -> fx.GraphModule:
         """As `Captured.graph_module`; `own=True` copies the weights held in memory
         (ties kept), never the disk-offloaded ones: they are read-only file views."""
-        from fxlens.passes.place_devices import place_devices
-
         gm = decoder_graph(self.program)
         copies: dict[int, torch.Tensor] = {}
         for name, tensor in self.weights.items():

@@ -2,7 +2,7 @@
 
 TransformerLens's weights are parameters, so `model.blocks[0].attn.W_O[h] = 0`
 ablates a head. fxlens reads its weights out of the graph's stored tensors
-through the column maps (`fxlens.interp.weights`): `W_Q[L]` gathers rows of a fused
+through the column maps (`fxlens.discovery.columns`): `W_Q[L]` gathers rows of a fused
 QKV projection, `W_K` under GQA repeats each kv head, `model.W_O` stacks the
 layers. A gather is a copy, so an `EditableWeight` remembers where each of its
 entries came from and writes every in-place edit back there:

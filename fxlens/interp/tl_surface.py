@@ -18,6 +18,9 @@ import torch
 from fxlens.interp.cache import apply_slice
 from fxlens.errors import FxlensError, NotApplicableError, ProcessingError, SelfCheckError
 from fxlens.discovery.names import is_opt_in
+from fxlens.ir.params import ProcessingLog
+from fxlens.passes.insert_hooks import CONTAINER
+from fxlens.pipeline import reprocess
 
 # Weight processing reruns the passes; it must keep log-probs (logits move by a
 # per-position constant under center_unembed). As the load-time self-check:
@@ -406,9 +409,6 @@ class TransformerLensMixin:
                 f"model's own graph. Call model.{name}() with no state dict")
 
     def _reprocess(self, flags: dict, center_ln: bool = True) -> None:
-        from fxlens.ir.params import ProcessingLog
-        from fxlens.pipeline import reprocess
-
         opt_in = [n for n in self.hook_dict if is_opt_in(n)]
         if opt_in:
             raise ProcessingError(
@@ -432,7 +432,6 @@ class TransformerLensMixin:
             warnings.warn(f"fxlens processing skipped: {reason}", stacklevel=3)
         self.pass_results += results
         # the same HookPoint objects come back (hooks already added stay on them)
-        from fxlens.passes.insert_hooks import CONTAINER
         container = self.graph_module.get_submodule(CONTAINER)
         for attr, hp in list(container.named_children()):
             if hp.name in hooks:
@@ -465,23 +464,6 @@ class TransformerLensMixin:
             for name, hp in self.hook_dict.items():
                 hp.fwd_hooks = saved.get(name, [])
 
-    # --- loading -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, model_name, *, hf_model=None, dtype=torch.float32,
-                        default_padding_side: str | None = None, **kwargs):
-        """`fxlens.from_pretrained` under TransformerLens's name: `model_name` is a
-        checkpoint folder or a hub id already in the local HF cache (TransformerLens's
-        own aliases such as "gpt2-small" are not known), `hf_model=` an HF model."""
-        import fxlens
-        return _loaded(fxlens.from_pretrained, model_name, hf_model, dtype, default_padding_side, kwargs)
-
-    @classmethod
-    def from_pretrained_no_processing(cls, model_name, *, hf_model=None, dtype=torch.float32,
-                                      default_padding_side: str | None = None, **kwargs):
-        import fxlens
-        return _loaded(fxlens.from_pretrained_no_processing, model_name, hf_model, dtype,
-                       default_padding_side, kwargs)
-
     # --- refused -----------------------------------------------------------------------
     init_weights = _refused(
         "init_weights", "fxlens instruments a trained HF checkpoint and has no initialiser of its own; "
@@ -498,26 +480,3 @@ class TransformerLensMixin:
         "(model.to_tokens) or read a local corpus (fxlens harvest --text FILE)")
     sample_datapoint = _refused(
         "sample_datapoint", "fxlens downloads no data sets; tokenize your own text (model.to_tokens)")
-
-
-# TransformerLens keywords that fxlens's loaders cannot honour, and why
-_REFUSED_LOAD_KWARGS = {
-    "checkpoint_index": "training checkpoints are separate HF revisions: pass revision=...",
-    "checkpoint_value": "training checkpoints are separate HF revisions: pass revision=...",
-    "first_n_layers": "fxlens captures the whole model; truncate the HF model's layers before passing it",
-    "n_devices": "place the model across devices with device_map=...",
-}
-
-
-def _loaded(loader, model_name, hf_model, dtype, default_padding_side, kwargs):
-    for key, why in _REFUSED_LOAD_KWARGS.items():
-        if key in kwargs and not (key == "n_devices" and kwargs[key] == 1):
-            raise NotApplicableError(f"from_pretrained({key}=...): {why}")
-    kwargs.pop("n_devices", None)
-    kwargs.pop("move_to_device", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model = loader(hf_model if hf_model is not None else model_name, dtype=dtype, **kwargs)
-    if default_padding_side is not None and model.tokenizer is not None:
-        model.tokenizer.padding_side = default_padding_side
-    return model

@@ -1,9 +1,8 @@
 """Weights under TransformerLens's names and shapes, read from the (processed) graph.
 
-`column_maps` finds, per block, which stored weight entries make up each
-head's W_Q/W_K/W_V and W_O and the MLP's W_in/W_gate/W_out, by index tracing
-(fxlens/ir/trace.py) -- so fused QKV (GPT-2, GPT-NeoX, Falcon) and fused gate/up
-need no per-architecture layout table.
+The views read through the column maps (`fxlens.discovery.columns`): which
+stored weight entries make up each head's W_Q/W_K/W_V and W_O and the MLP's
+W_in/W_gate/W_out.
 
 Shapes (TransformerLens): W_Q [head, d_model, d_head], W_O [head, d_head, d_model],
 W_in/W_gate [d_model, d_mlp], W_out [d_mlp, d_model], W_E [d_vocab, d_model],
@@ -12,121 +11,12 @@ W_U [d_model, d_vocab]; stacked over layers on `model`, per layer on `model.bloc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from fxlens.ir.graph import linear_parts, walk_back, is_layout
-from fxlens.errors import UnmappableModelError
 from fxlens.interp.editable import read_only, read_param, stack
 from fxlens.ir.params import Linear, get_tensor
-from fxlens.ir.trace import NotIndex, apply_chain, trace_indices
-
-
-@dataclass
-class BlockMaps:
-    """Per block: projection -> index tensor of its stored output columns (or, for
-    o/out, input columns) in TransformerLens order."""
-
-    q: tuple | None = None     # (Linear, cols [head, d_head])
-    k: tuple | None = None
-    v: tuple | None = None
-    o: tuple | None = None     # (Linear, input cols [head, d_head])
-    pre: tuple | None = None   # (Linear, cols [d_mlp])  -- W_gate for gated MLPs, else W_in
-    pre_linear: tuple | None = None  # (Linear, cols [d_mlp]) -- W_in of gated MLPs
-    out: tuple | None = None   # (Linear, input cols [d_mlp])
-    # role -> why it has no map: the op between the projection and its site that
-    # computes with the values (index tracing's NotIndex), so no column map exists
-    unmapped: dict = field(default_factory=dict)
-
-    def get(self, role: str, what: str) -> tuple:
-        """(Linear, cols) of `role`, or an UnmappableModelError naming the op in the way."""
-        entry = getattr(self, role)
-        if entry is None and role in self.unmapped:
-            raise UnmappableModelError(
-                f"{what}: {self.unmapped[role]} lies between the {role} projection and its site and "
-                f"computes with the values (not only moves them), so there are no "
-                f"TransformerLens-shaped weights for it. Read the activations at the sites instead "
-                f"(run_with_cache), or edit them with hooks")
-        return entry
-
-
-def column_maps(gm, spec) -> list[BlockMaps]:
-    sources, sinks, todo = set(), set(), []
-    for b in spec.blocks:
-        for role in "qkv":
-            site, proj = b.qkv[role]
-            sources.add(proj)
-            sinks.add(site)
-        o_in = linear_parts(b.o_proj)[0]
-        sources.add(b.z)
-        sinks.add(o_in)
-        for role, (site, proj) in b.mlp_proj.items():
-            sources.add(proj)
-            sinks.add(site)
-        if b.writer is not None:
-            sources.add(b.post)
-            sinks.add(linear_parts(b.writer)[0])
-    seen = trace_indices(gm, sources, sinks)
-    layouts = {name: (node, lay) for node in gm.graph.nodes
-               for name, lay, _ in node.meta.get("fxlens.sites", [])}
-    out = []
-    for b in spec.blocks:
-        m = BlockMaps()
-
-        def mapped(role, value, make):
-            if isinstance(value, NotIndex):
-                m.unmapped[role] = repr(value)
-            else:
-                setattr(m, role, make(value))
-
-        for role in "qkv":
-            site, proj = b.qkv[role]
-            _, lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
-            # [head, d_head]
-            mapped(role, seen[site], lambda v: (Linear(proj), lay.to_tl(v, batch=1).reshape(-1, b.d_head)))
-        # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
-        mapped("o", seen[linear_parts(b.o_proj)[0]],
-               lambda v: (Linear(b.o_proj), _inverse(v).reshape(b.n_heads, b.d_head)))
-        for role, (site, proj) in b.mlp_proj.items():
-            mapped(role, seen[site], lambda v: (Linear(proj), v.reshape(-1)))
-        if b.writer is not None:
-            mapped("out", seen[linear_parts(b.writer)[0]], lambda v: (Linear(b.writer), _inverse(v)))
-        out.append(m)
-    return out
-
-
-def _inverse(cols: torch.Tensor) -> torch.Tensor:
-    """Flat positions -> the column each one came from, inverted."""
-    cols = cols.reshape(-1)
-    inv = torch.empty_like(cols)
-    inv[cols] = torch.arange(cols.numel())
-    return inv
-
-
-# --- reading weights in TransformerLens shapes -------------------------------------
-
-def w_qkv(gm, lin: Linear, cols) -> torch.Tensor:
-    """[head, d_model, d_head] from a projection's rows `cols` [head, d_head]."""
-    w = lin.weight(gm)                      # [out, d_model]
-    return w[cols].permute(0, 2, 1)         # [head, d_head, d_model] -> [head, d_model, d_head]
-
-
-def b_qkv(gm, lin: Linear, cols) -> torch.Tensor:
-    b = lin.bias(gm)
-    return b[cols] if b is not None else torch.zeros(cols.shape, dtype=lin.weight(gm).dtype)
-
-
-def w_o(gm, lin: Linear, cols) -> torch.Tensor:
-    """[head, d_head, d_model] from the output projection's input columns."""
-    w = lin.weight(gm)                      # [d_model, head*d_head]
-    return w[:, cols].permute(1, 2, 0)      # [d_model, head, d_head] -> [head, d_head, d_model]
-
-
-def bias_or_zeros(gm, lin: Linear) -> torch.Tensor:
-    b = lin.bias(gm)
-    w = lin.weight(gm)
-    return b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+from fxlens.ir.trace import apply_chain, values_at
+from fxlens.discovery.columns import BlockMaps, column_maps
 
 
 def _oriented(lin: Linear):
@@ -381,7 +271,6 @@ class WeightsMixin:
         embedding's output, so offsets like OPT's are already applied)."""
         if self.spec.pos_embed is None:
             raise AttributeError("W_pos: this model has no learned position embedding")
-        from fxlens.ir.trace import values_at
         return read_only(values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx), "W_pos",
                          "W_pos is read off the position embedding's output, not stored as one tensor; "
                          "change positions with a hook on hook_pos_embed")

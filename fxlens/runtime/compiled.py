@@ -61,6 +61,9 @@ import torch.fx as fx
 
 from fxlens.frontend.decoder import has_mask_input
 from fxlens.discovery.names import canonical_order
+from fxlens.passes.fuse_attention import fuse_attention as fuse
+from fxlens.passes.segment import BOUNDARY, Segment, segment
+from fxlens.passes.specialise import specialise
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
 # (inductor reorders reductions and fuses the softmax; sdpa normalises
@@ -101,8 +104,6 @@ def _z_nodes(model, val_map: dict) -> tuple[list[fx.Node], list[str]]:
 def _mark_boundaries(model, val_map: dict) -> int:
     """meta["fxlens.boundary"] on the copy's residual value entering each block
     (and leaving the last one): segments end there, so blocks compile alike."""
-    from fxlens.passes.segment import BOUNDARY
-
     names = [f"blocks.{b.layer}.hook_resid_pre" for b in model.spec.blocks]
     if model.spec.blocks:
         names.append(f"blocks.{model.spec.blocks[-1].layer}.hook_resid_post")
@@ -124,10 +125,6 @@ def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented:
     run it eagerly, as tests do). With `segmented`, the graph is cut into
     `Segment`s at block boundaries and hooked sites (`passes/segment.py`).
     Returns (gm, pass results)."""
-    from fxlens.passes.fuse_attention import fuse_attention as fuse
-    from fxlens.passes.segment import segment
-    from fxlens.passes.specialise import specialise
-
     gm, val_map = copy_graph_module(model.graph_module)
     z_nodes, labels = _z_nodes(model, val_map)
     if segmented:
@@ -283,8 +280,6 @@ class CompiledRunner:
 
     def _use_compiled_segments(self, gm: fx.GraphModule) -> list[CompiledSegment]:
         """Point each Segment of a segmented variant at the compiled code for its key."""
-        from fxlens.passes.segment import Segment
-
         for n in gm.graph.nodes:     # weights and buffers: static sizes (parameters are already)
             if n.op == "get_attr":
                 t = operator.attrgetter(n.target)(gm)
@@ -312,6 +307,14 @@ class CompiledRunner:
             return inner(gm, example_inputs)
 
         return backend
+
+    def compile_graph(self, gm: fx.GraphModule, dynamic: bool = True):
+        """`gm` (a graph of the model's other than its variants: the KV decoder's)
+        through torch.compile with this runner's backend, counted in `compilations`."""
+        def backend(graph, example_inputs, inner=self._inner_backend()):
+            self.compilations += 1
+            return inner(graph, example_inputs)
+        return torch.compile(gm, backend=backend, dynamic=dynamic)
 
     def _inner_backend(self):
         if callable(self.backend):

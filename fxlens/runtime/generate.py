@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from fxlens.errors import ContextLengthError, FxlensError
+from fxlens.runtime import kv_cache
 
 RETURN_TYPES = ("input", "str", "tokens", "embeds")
 
@@ -214,12 +215,10 @@ class GenerateMixin:
     def _kv_decoder(self):
         """The model's decode graph, built and checked once per graph version; None
         (with one warning saying why) when this model cannot use it."""
-        from fxlens.runtime.kv_cache import build_decoder
-
         key = getattr(self, "_graph_version", 0)
         cached = getattr(self, "_decoder_cache", None)
         if cached is None or cached[0] != key:
-            decoder, why = build_decoder(self)
+            decoder, why = kv_cache.build_decoder(self)
             if decoder is None:
                 warnings.warn(f"generate: no KV cache for this model ({why}); recomputing the prefix "
                               f"at each step instead", KVCacheWarning, stacklevel=4)

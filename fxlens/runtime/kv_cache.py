@@ -92,14 +92,11 @@ class Decoder:
     def _fn(self):
         """The decode graph, through torch.compile when the model is compiled (dynamic
         shapes: the growing cache does not recompile at every step)."""
-        runner = getattr(self.model, "_compiled", None)
+        runner = self.model.compiled_runner
         if runner is None:
             return self.gm
         if self._compiled is None or self._compiled[0] is not runner:
-            def backend(gm, example_inputs, inner=runner._inner_backend()):
-                runner.compilations += 1
-                return inner(gm, example_inputs)
-            self._compiled = (runner, torch.compile(self.gm, backend=backend, dynamic=True))
+            self._compiled = (runner, runner.compile_graph(self.gm))
         return self._compiled[1]
 
     def empty_past(self, batch: int, device, dtype) -> list[torch.Tensor]:

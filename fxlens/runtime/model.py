@@ -18,6 +18,10 @@ from fxlens.discovery.names import canonical_order, is_opt_in
 from fxlens.interp.saes import SAEMixin
 from fxlens.interp.tl_surface import TransformerLensMixin, slice_positions
 from fxlens.interp.weights import WeightsMixin
+from fxlens.discovery.encoder import INPUTS
+from fxlens.passes import materialise_opt_in
+from fxlens.runtime.build import DEFAULT_FLAGS, load
+from fxlens.runtime.compiled import CompiledRunner
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -75,8 +79,6 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         return self.hook_dict[name]
 
     def _materialise(self, name: str) -> None:
-        from fxlens.passes import materialise_opt_in
-
         maps = self._maps()  # traced on the graph as built, before it is rewritten
         result = materialise_opt_in(self.graph_module, self.spec, name, maps)
         self.pass_results.append(result)
@@ -150,8 +152,6 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         sequence lengths reuse it (batch 1 or a 1-token input compiles once more).
         Returns self.
         """
-        from fxlens.runtime.compiled import CompiledRunner
-
         self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,
                                         dynamic=dynamic, fuse_attention=fuse_attention, hooks=hooks)
         return self
@@ -164,6 +164,11 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
     @property
     def is_compiled(self) -> bool:
         return self._compiled is not None
+
+    @property
+    def compiled_runner(self) -> CompiledRunner | None:
+        """The CompiledRunner of a compiled model (None when eager)."""
+        return self._compiled
 
     def compile_stats(self) -> dict:
         """Variants built, graphs compiled, seconds spent compiling, eager fallbacks."""
@@ -619,6 +624,130 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         return (f"HookedModel({c.model_name!r}: {c.n_layers} layers, d_model={c.d_model}, "
                 f"{c.n_heads} heads, {len(self.hook_dict)} hooks)")
 
+    # --- loading -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_name, *, hf_model=None, dtype=torch.float32,
+                        default_padding_side: str | None = None, **kwargs):
+        """`fxlens.from_pretrained` under TransformerLens's name: `model_name` is a
+        checkpoint folder or a hub id already in the local HF cache (TransformerLens's
+        own aliases such as "gpt2-small" are not known), `hf_model=` an HF model."""
+        flags = {f: kwargs.pop(f, on) for f, on in DEFAULT_FLAGS.items()}
+        return _loaded(flags, model_name, hf_model, dtype, default_padding_side, kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, model_name, *, hf_model=None, dtype=torch.float32,
+                                      default_padding_side: str | None = None, **kwargs):
+        return _loaded({}, model_name, hf_model, dtype, default_padding_side, kwargs)
+
+
+class HookedEncoder(HookedModel):
+    """A HookedModel for encoders, with TransformerLens HookedEncoder's call:
+    `model(input, return_type="logits", token_type_ids=None, one_zero_attention_mask=None)`.
+
+    Text input is tokenized with the tokenizer's special tokens ([CLS] ... [SEP])
+    and padded, and its attention mask is used. The output is the MLM logits
+    [batch, pos, d_vocab]; a model without an MLM head (BertModel) returns its
+    last residual [batch, pos, d_model].
+    """
+
+    @property
+    def has_head(self) -> bool:
+        return self.spec.unembed is not None
+
+    def __repr__(self) -> str:
+        return "HookedEncoder" + super().__repr__()[len("HookedModel"):]
+
+    def forward(self, input, return_type: str | None = "logits", token_type_ids=None,
+                one_zero_attention_mask=None):
+        return self._forward(input, return_type, token_type_ids=token_type_ids,
+                             one_zero_attention_mask=one_zero_attention_mask)[0]
+
+    def _forward(self, input, return_type: str | None = "logits", token_type_ids=None,
+                 one_zero_attention_mask=None, cache_names=(), **unused):
+        if return_type not in ("logits", None):
+            raise ValueError(f"return_type={return_type!r}; an encoder returns 'logits' or None")
+        bad = {k: v for k, v in unused.items() if v not in (None, False)}
+        if bad:
+            raise TypeError(f"{sorted(bad)} do not apply to an encoder")
+        if isinstance(input, str) or (isinstance(input, list) and input and isinstance(input[0], str)):
+            tokens, types, mask = self.to_tokens(input)
+            token_type_ids = types if token_type_ids is None else token_type_ids
+            one_zero_attention_mask = mask if one_zero_attention_mask is None else one_zero_attention_mask
+        else:
+            tokens = input
+        # contiguous: compiled graphs guard the tokens' strides against the bound inputs' sizes
+        tokens = self._as_tokens(tokens, None, None).contiguous()
+        with self._bind_inputs(tokens, attention_mask=one_zero_attention_mask, token_type_ids=token_type_ids):
+            return super()._forward(tokens, return_type="logits" if return_type else None,
+                                    cache_names=cache_names)
+
+    @contextlib.contextmanager
+    def _bind_inputs(self, tokens: torch.Tensor, **given):
+        """The mask and token types of one call, on the graph's EncoderInputs module.
+        Both are always bound (defaults made here), so a compiled graph sees one
+        kind of input whether or not a mask is given."""
+        inputs = getattr(self.graph_module, INPUTS, None)
+        takes = {n.args[1] for n in self.graph_module.graph.nodes if n.op == "call_module" and n.target == INPUTS}
+        bound = {}
+        for key, value in given.items():
+            if value is not None and key not in takes:
+                raise ValueError(f"{key} given, but {self.cfg.model_name or 'this model'} does not read it")
+            if key not in takes:
+                continue
+            if value is None:
+                value = torch.ones_like(tokens) if key == "attention_mask" else torch.zeros_like(tokens)
+            value = torch.as_tensor(value)
+            value = value.unsqueeze(0) if value.dim() == 1 else value
+            if value.shape != tokens.shape:
+                raise ValueError(f"{key} has shape {tuple(value.shape)}; the tokens are {tuple(tokens.shape)}")
+            bound[key] = value = value.to(device=tokens.device, dtype=torch.long)
+            # dynamo takes tensors held by a module as static-shaped: one compile for
+            # every batch and length needs them marked like the token input
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+            torch._dynamo.maybe_mark_dynamic(value, 1)
+        if inputs is None:
+            yield
+            return
+        before = inputs.bound
+        inputs.bound = bound
+        try:
+            yield
+        finally:
+            inputs.bound = before
+
+    def encoder_output(self, tokens, token_type_ids=None, one_zero_attention_mask=None) -> torch.Tensor:
+        """The last block's normalized residual [batch, pos, d_model]."""
+        name = f"blocks.{self.cfg.n_layers - 1}.hook_normalized_resid_post"
+        _, cache = self.run_with_cache(tokens, names_filter=name, return_type=None, token_type_ids=token_type_ids,
+                                       one_zero_attention_mask=one_zero_attention_mask)
+        return cache[name]
+
+    # --- tokens ---------------------------------------------------------------------
+    def to_tokens(self, input, move_to_device: bool = True, truncate: bool = True):
+        """Text -> (tokens, token_type_ids, attention_mask), each [batch, pos], with the
+        tokenizer's special tokens and right padding (TransformerLens HookedEncoder)."""
+        tok = self._need_tokenizer()
+        enc = tok(input, return_tensors="pt", padding=True, truncation=truncate,
+                  max_length=self.cfg.n_ctx if truncate else None)
+        tokens = enc["input_ids"]
+        types = enc.get("token_type_ids")
+        types = torch.zeros_like(tokens) if types is None else types
+        mask = enc.get("attention_mask")
+        mask = torch.ones_like(tokens) if mask is None else mask
+        out = (tokens, types, mask)
+        return tuple(t.to(self.cfg.device) for t in out) if move_to_device else out
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None) -> list[str]:
+        if isinstance(input, str):
+            input = self.to_tokens(input)[0][0]
+        return super().to_str_tokens(input)
+
+    def to_single_token(self, string: str) -> int:
+        ids = self._need_tokenizer()(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one")
+        return int(ids[0])
+
 
 def _hook_list(hp: HookPoint, dir: str) -> list:
     if dir not in ("fwd", "bwd"):
@@ -642,3 +771,27 @@ def _outputs(logits, tokens, return_type, loss_per_token, mask=None):
         raise ValueError(f"return_type={return_type!r}; use 'logits', 'loss', 'both' or None")
     loss = lm_cross_entropy_loss(logits, tokens, mask, per_token=loss_per_token)
     return loss if return_type == "loss" else (logits, loss)
+
+
+# TransformerLens keywords that fxlens's loaders cannot honour, and why
+_REFUSED_LOAD_KWARGS = {
+    "checkpoint_index": "training checkpoints are separate HF revisions: pass revision=...",
+    "checkpoint_value": "training checkpoints are separate HF revisions: pass revision=...",
+    "first_n_layers": "fxlens captures the whole model; truncate the HF model's layers before passing it",
+    "n_devices": "place the model across devices with device_map=...",
+}
+
+
+def _loaded(flags: dict, model_name, hf_model, dtype, default_padding_side, kwargs):
+    for key, why in _REFUSED_LOAD_KWARGS.items():
+        if key in kwargs and not (key == "n_devices" and kwargs[key] == 1):
+            raise NotApplicableError(f"from_pretrained({key}=...): {why}")
+    kwargs.pop("n_devices", None)
+    kwargs.pop("move_to_device", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = load((HookedModel, HookedEncoder), hf_model if hf_model is not None else model_name, flags,
+                 dtype=dtype, **kwargs)
+    if default_padding_side is not None and model.tokenizer is not None:
+        model.tokenizer.padding_side = default_padding_side
+    return model

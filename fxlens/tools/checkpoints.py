@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from fxlens.api import from_pretrained_no_processing
 from fxlens.errors import CaptureError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,10 +25,8 @@ def smollm2() -> tuple[str, str]:
 
 
 def load_smollm2(**kwargs):
-    import fxlens
-
     folder, gguf = smollm2()
-    return fxlens.from_pretrained_no_processing(folder, gguf_file=gguf, **kwargs)
+    return from_pretrained_no_processing(folder, gguf_file=gguf, **kwargs)
 
 
 def minilm() -> str:

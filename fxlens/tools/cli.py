@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fnmatch
 import json
 import sys
 
 import torch
 
-from fxlens.errors import FxlensError, UnknownHookError
+from fxlens.api import from_pretrained, from_pretrained_no_processing
+from fxlens.errors import FxlensError
+from fxlens.ir.graph import module_path
+from fxlens.tools import dump, explorer
+from fxlens.tools.checkpoints import load_smollm2
+from fxlens.tools.dump import FORMATS, LEVELS, DumpError, check_writable
+from fxlens.tools.harvesting import DTYPES, Corpus, World, fxlens_version, harvest
+from fxlens.discovery.names import resolve_names
 
 EXIT_ERROR = 2
 # the `sites` probe: a short token sequence, enough to give every hook its shape
@@ -75,10 +81,8 @@ def _chain(*callbacks):
 
 def load(args, status: Status, on_pass=None):
     """The instrumented model named on the command line."""
-    import fxlens
-
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    make = fxlens.from_pretrained if args.processed else fxlens.from_pretrained_no_processing
+    make = from_pretrained if args.processed else from_pretrained_no_processing
     return make(args.model, on_pass=_chain(status, on_pass), **kwargs)
 
 
@@ -127,8 +131,6 @@ def _summary(cache, limit: int = 12) -> str:
 
 
 def cmd_smollm2(args) -> int:
-    from fxlens.tools.checkpoints import load_smollm2
-
     print("loading SmolLM2-135M-Instruct (GGUF, dequantised to float32) and instrumenting it ...",
           flush=True)
     with progress("fxlens: SmolLM2-135M-Instruct") as status:
@@ -148,8 +150,6 @@ def cmd_smollm2(args) -> int:
 # --- dump ------------------------------------------------------------------------------
 
 def cmd_dump(args) -> int:
-    from fxlens.tools import dump
-
     fmt = dump.format_of(args.output, args.format)
     dump.check_writable(args.output)   # before the slow load, not after it
     per_pass = dump.PerPassDumper(args.output, fmt, args.level, title=args.model) if args.per_pass else None
@@ -180,8 +180,6 @@ def probe_tokens(model) -> torch.Tensor:
 
 def hook_modules(model) -> dict[str, str]:
     """Hook name -> the HF module path its node came from."""
-    from fxlens.ir.graph import module_path
-
     return {n.meta["fxlens.site"]: module_path(n) for n in model.graph_module.graph.nodes
             if "fxlens.site" in n.meta}
 
@@ -203,9 +201,6 @@ def cmd_sites(args) -> int:
 # --- explore ---------------------------------------------------------------------------
 
 def cmd_explore(args) -> int:
-    from fxlens.tools import dump
-    from fxlens.tools import explorer
-
     explorer.graph_builder()   # the extra is there, before the slow load
     with progress(f"fxlens: {args.model}") as status:
         model = load(args, status)
@@ -222,37 +217,10 @@ def cmd_explore(args) -> int:
 
 # --- cache -----------------------------------------------------------------------------
 
-def resolve_names(model, names: list[str] | None) -> list[str] | None:
-    """Hook names from the command line: exact names (opt-in sites included),
-    globs like 'blocks.*.attn.hook_pattern', comma-separated lists. None = all."""
-    if not names:
-        return None
-    out: list[str] = []
-    for item in (n.strip() for arg in names for n in arg.split(",")):
-        if not item:
-            continue
-        if any(c in item for c in "*?["):
-            hits = fnmatch.filter(model.hook_names, item)
-            if not hits:
-                raise UnknownHookError(item, model.hook_names)
-            out += hits
-        else:
-            out.append(item)
-    return list(dict.fromkeys(out))
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("fxlens")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def cache_metadata(model, prompt: str, tokens: torch.Tensor) -> dict[str, str]:
     """safetensors metadata holds strings only: lists and dicts go in as JSON."""
     processing = model.processing   # the flags, as a dict or a processing log of them
-    meta = {"format": "fxlens activations", "fxlens_version": _version(),
+    meta = {"format": "fxlens activations", "fxlens_version": fxlens_version(),
             "model": str(model.cfg.model_name), "prompt": prompt,
             "tokens": json.dumps(tokens[0].tolist()),
             "processing": json.dumps({k: bool(v) for k, v in processing.items()})}
@@ -266,8 +234,6 @@ def cache_metadata(model, prompt: str, tokens: torch.Tensor) -> dict[str, str]:
 def save_activations(cache, path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from fxlens.tools.dump import DumpError
-
     # chained hooks hand one tensor to two names (resid_post -> next resid_pre)
     # and layouts leave views; safetensors wants separate contiguous storage
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in cache.items()}
@@ -278,12 +244,10 @@ def save_activations(cache, path, metadata: dict[str, str]) -> None:
 
 
 def cmd_cache(args) -> int:
-    from fxlens.tools.dump import check_writable
-
     path = check_writable(args.output)
     with progress(f"fxlens: {args.model}") as status:
         model = load(args, status)
-        names = resolve_names(model, args.names)
+        names = resolve_names(model.hook_names, args.names)
         status.step("run_with_cache")
         tokens = model.to_tokens(args.prompt)
         _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -308,20 +272,16 @@ def _device(arg: str | None) -> str:
 
 
 def cmd_harvest(args) -> int:
-    import fxlens
-
-    from fxlens.tools.harvesting import DTYPES, Corpus, World
-
     Corpus(args.text)   # a missing or unreadable corpus fails before the slow load
     world = World.current()
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    make = fxlens.from_pretrained if args.processed else fxlens.from_pretrained_no_processing
+    make = from_pretrained if args.processed else from_pretrained_no_processing
     with progress(f"fxlens: {args.model}") as status:
         model = make(args.model, on_pass=status, device=_device(args.device),
                      dtype=DTYPES[args.model_dtype], **kwargs)
     if args.compile:
         model.compile()
-    index = fxlens.harvest(model, args.text, args.names, out_dir=args.output, seq_len=args.seq_len,
+    index = harvest(model, args.text, args.names, out_dir=args.output, seq_len=args.seq_len,
                            batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype,
                            shard_rows=args.shard_rows, model_name=args.model)
     if world.rank == 0:
@@ -342,8 +302,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from fxlens.tools.dump import FORMATS, LEVELS
-
     top = argparse.ArgumentParser(prog="fxlens", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="cmd", required=True)

@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import FxlensError
+from fxlens.tools import explorer
 from fxlens.ir.graph import module_paths
 from fxlens.discovery.names import canonical_order
 
@@ -528,7 +529,7 @@ def _tree(G: nx.DiGraph) -> list[dict]:
 
 
 def render_model_explorer(G: nx.DiGraph) -> str:
-    from fxlens.tools.explorer import render_model_explorer as render   # the optional extra, imported on use
+    render = explorer.render_model_explorer   # the optional extra (model_explorer) is imported on use
     return render(G)
 
 

@@ -40,8 +40,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from importlib.metadata import PackageNotFoundError, version
+
 import torch
 
+from fxlens.discovery.names import resolve_names
 from fxlens.errors import ContextLengthError, HarvestError
 
 INDEX = "index.json"
@@ -273,16 +276,22 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], plan: Plan, rows: 
         raise HarvestError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
+def fxlens_version() -> str:
+    """The installed fxlens's version ("unknown" when it is not installed)."""
+    try:
+        return version("fxlens")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 # --- the harvest ------------------------------------------------------------------------
 
 def _resolve_sites(model, names) -> list[str]:
     """Hook names from names / globs / a predicate, in TransformerLens order."""
-    from fxlens.tools.cli import resolve_names
-
     if callable(names):
         chosen = [n for n in model.hook_names if names(n)]
     else:
-        chosen = resolve_names(model, [names] if isinstance(names, str) else list(names or [])) or []
+        chosen = resolve_names(model.hook_names, [names] if isinstance(names, str) else list(names or [])) or []
     if not chosen:
         raise HarvestError("name at least one site to harvest (a hook name or a glob such as "
                            "'blocks.*.hook_resid_post'); `fxlens sites MODEL` lists them")
@@ -487,10 +496,8 @@ def _run_shard(tokens: torch.Tensor, plan: Plan, forward, device) -> dict[str, t
 
 
 def _index(plan: Plan, everyone: list[dict], total_rows: int, world: World, text, max_tokens) -> dict:
-    from fxlens.tools.cli import _version
-
     shards = sorted((e for r in everyone for e in r["shards"]), key=lambda e: e["rows"][0])
-    return {"format": FORMAT, "fxlens_version": _version(), "model": plan.model, "sites": plan.sites,
+    return {"format": FORMAT, "fxlens_version": fxlens_version(), "model": plan.model, "sites": plan.sites,
             "shapes": plan.shapes, "dtype": _dtype_name(plan.dtype), "seq_len": plan.seq_len,
             "batch_size": plan.batch_size, "shard_rows": plan.shard_rows, "rows": total_rows,
             "tokens": total_rows * plan.seq_len, "bos_token_id": plan.bos_token_id,
