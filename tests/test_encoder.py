@@ -282,3 +282,17 @@ def test_a_checkpoint_that_is_neither_is_refused_with_the_reason(tmp_path):
     with pytest.raises(fxlens.errors.CaptureError,
                        match="neither a causal LM .* nor a BERT-style encoder .*encoder-decoder"):
         fxlens.from_pretrained(tmp_path)
+
+
+def test_encoder_capture_goes_through_the_decoder_export():
+    """One load and one export serve both kinds: the encoder's graph takes the
+    mask and token types the forward names, with named dynamic Dims, and no
+    mask-derived position ids (BERT keeps its own)."""
+    from fxlens.frontend.decoder import POSITIONS
+
+    cap = captured_bert()
+    assert cap.info.method == "dims" and cap.info.seq_range == (1, cap.n_ctx)
+    inputs = [n.name for n in cap.program.graph.nodes if n.op == "placeholder"
+              and n.name in ("input_ids", "attention_mask", "token_type_ids")]
+    assert inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert not any(n.meta.get("custom", {}).get(POSITIONS) for n in cap.program.graph.nodes)

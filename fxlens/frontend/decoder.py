@@ -205,11 +205,34 @@ def checkpoint_kind(source, hf_kwargs: dict) -> str:
         f"fxlens instruments those two kinds. Pass kind='decoder' or kind='encoder' to force one.")
 
 
-def load_model(source, dtype=torch.float32, **hf_kwargs):
-    """Load a `PreTrainedModel` from a folder, a hub id already in the local cache,
-    or take an in-memory one. Returns (model, tokenizer or None, name)."""
-    from transformers import AutoModelForCausalLM, PreTrainedModel
+def _model_class(source: str, kind: str, hf_kwargs: dict):
+    """The transformers class to load a checkpoint folder or cached hub id with: a
+    decoder's causal-LM class; for an encoder the class its config declares
+    (`config.architectures`), else its masked-LM class, else its base model."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+    if kind == "decoder":
+        return AutoModelForCausalLM
+    cfg_kwargs = {k: hf_kwargs[k] for k in ("revision", "trust_remote_code", "cache_dir",
+                                             "local_files_only", "subfolder", "token") if k in hf_kwargs}
+    config = AutoConfig.from_pretrained(source, **cfg_kwargs)
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return AutoModelForMaskedLM if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModel
+
+
+def load_model(source, dtype=torch.float32, kind: str = "decoder", **hf_kwargs):
+    """Load a `PreTrainedModel` from a folder, a hub id already in the local cache,
+    or take an in-memory one, as a causal LM (`kind="decoder"`) or a BERT-style
+    encoder (`kind="encoder"`, see `_model_class`). Returns (model, tokenizer or
+    None, name)."""
+    from transformers import PreTrainedModel
+
+    what = "a causal LM" if kind == "decoder" else "an encoder"
     tokenizer = hf_kwargs.pop("tokenizer", None)
     if isinstance(source, PreTrainedModel):
         model, name = source, getattr(source, "name_or_path", "") or type(source).__name__
@@ -220,17 +243,17 @@ def load_model(source, dtype=torch.float32, **hf_kwargs):
         if not os.path.isdir(source) and not hf_kwargs.get("gguf_file"):
             hf_kwargs.setdefault("local_files_only", True)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = _model_class(source, kind, hf_kwargs).from_pretrained(
                 source, attn_implementation="eager", dtype=dtype, **hf_kwargs)
         except SafetensorError as exc:
             raise corrupt_weights_error(source, exc) from exc
         except (OSError, ValueError) as exc:
             raise CaptureError(
-                f"cannot load {source!r} as a causal LM: {exc}. Pass a checkpoint folder, a hub id "
+                f"cannot load {source!r} as {what}: {exc}. Pass a checkpoint folder, a hub id "
                 f"that is already in the local HF cache, or a PreTrainedModel.") from exc
         tok_source = source
     else:
-        raise CaptureError(f"cannot load a model from {type(source).__name__}; pass a path, "
+        raise CaptureError(f"cannot load {what} from {type(source).__name__}; pass a path, "
                            f"a cached hub id or a transformers PreTrainedModel")
     if tokenizer is None and tok_source is not None:
         tokenizer = load_tokenizer(tok_source, hf_kwargs)
@@ -400,15 +423,27 @@ def _range_of(ep, size) -> tuple:
     return (int(r.lower), hi)
 
 
-def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None):
-    """Export `model(input_ids, attention_mask, use_cache=False)` with dynamic
-    batch and sequence (the mask where the forward takes one; position ids
-    computed from it where the forward takes those, `_positions_from_mask`).
+# the inputs besides the token ids that each kind exports where the forward takes them,
+# with the value of a probe row (no padding, one segment)
+OPTIONAL_INPUTS = {"decoder": (MASK_INPUT,), "encoder": (MASK_INPUT, "token_type_ids")}
+_PROBE = {MASK_INPUT: torch.ones_like, "token_type_ids": torch.zeros_like}
 
-    Falls back in steps when torch.export cannot keep the sequence length fully
-    dynamic: named Dims, then `Dim.DYNAMIC` and `Dim.AUTO` for the sequence
-    (torch.export narrows its range), then a static sequence length. With
-    `seq_len` only that static export is made (the per-length fallback).
+
+def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None,
+                   kind: str = "decoder"):
+    """Export `model(input_ids, <OPTIONAL_INPUTS[kind]>, use_cache=False)` with
+    dynamic batch and sequence (each optional input the forward takes, [batch,
+    pos] like the ids), then functionalise it (`functionalise`).
+
+    A decoder's position ids (where the forward takes them) are computed from
+    the mask (`_positions_from_mask`), and it falls back in steps when
+    torch.export cannot keep the sequence length fully dynamic: named Dims,
+    then `Dim.DYNAMIC` and `Dim.AUTO` for the sequence (torch.export narrows
+    its range), then a static sequence length; each step with the mask first,
+    without it (padding then refused) where that fails. With `seq_len` only
+    that static export is made (the per-length fallback). An encoder keeps its
+    own positions (BERT counts from the first column, padded or not) and is
+    exported with named Dims only (it has no per-length graphs).
     Returns (ExportedProgram, CaptureInfo)."""
     batch_dim, seq = compat.export_dims(n_ctx)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -416,7 +451,7 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
     probe = torch.randint(0, vocab, (batch or 2, length), generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(model.parameters()).device)
     name, kwargs, kw_dims = _export_call(model)
-    with_mask = MASK_INPUT in _forward_params(model) and name != MASK_INPUT
+    extra = tuple(k for k in OPTIONAL_INPUTS[kind] if k in _forward_params(model) and k != name)
     seq_max = max(2, n_ctx)
     steps = [("dims", {0: batch_dim, 1: seq}),
              ("dynamic", {0: batch_dim, 1: torch.export.Dim.DYNAMIC(min=1, max=seq_max)}),
@@ -424,19 +459,23 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
              ("per-length", {0: torch.export.Dim.AUTO(min=1, max=4096)})]
     if seq_len is not None:
         steps = [("per-length", {} if batch else steps[-1][1])]
+    decoder = kind == "decoder"
+    if not decoder:
+        steps = steps[:1]
     attempts = []
-    # each step with the mask as an input first; without it (padding then refused) where that fails
-    tries = [(m, d, masked) for m, d in steps for masked in ((True, False) if with_mask else (False,))]
-    for method, dims, masked in tries:
+    # a decoder's mask: an input first, left out where that fails
+    tries = [(m, d, given) for m, d in steps for given in ((extra, ()) if decoder and extra else (extra,))]
+    for method, dims, given in tries:
         inputs, shapes = {name: probe, **kwargs}, {name: dims, **kw_dims}
-        if masked:   # the mask is a graph input, [batch, pos] like the ids
-            inputs[MASK_INPUT], shapes[MASK_INPUT] = torch.ones_like(probe), dims
+        for k in given:
+            inputs[k], shapes[k] = _PROBE[k](probe), dims
+        from_mask = decoder and MASK_INPUT in given
         try:
             with torch.no_grad(), _no_cache_config(model), \
-                    (_positions_from_mask(model) if masked else contextlib.nullcontext()):
+                    (_positions_from_mask(model) if from_mask else contextlib.nullcontext()):
                 ep = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
-            attempts.append((method + (" with the mask" if masked else ""), _first_line(exc)))
+            attempts.append((method + (" with the mask" if decoder and given else ""), _first_line(exc)))
             continue
         ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
             if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None
@@ -449,11 +488,12 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
             attempts.append((method, f"sequence length specialised to {seq_range[0]}"))
             continue
         return functionalise(ep), CaptureInfo(method=method, input_name=name, seq_range=seq_range,
-                               batch_range=batch_range, attempts=attempts)
+                                              batch_range=batch_range, attempts=attempts)
     tried = "; ".join(f"{m}: {why}" for m, why in attempts)
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
-        f"that torch.export can capture from its input ids.")
+        f"that torch.export can capture from its input ids"
+        f"{'' if decoder else ' with dynamic batch and sequence length'}.")
 
 
 def functionalise(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
