@@ -21,7 +21,8 @@ from fxlens.frontend.decoder import Captured
 from fxlens.interp.cache import ActivationCache
 from fxlens.discovery.names import act_name
 from fxlens.frontend.encoder import EncoderCaptured, capture_encoder
-from fxlens.runtime.build import LOW_PRECISION_EPS, PROCESSING_FLAGS, SELF_CHECK_RTOL, self_check_rtol
+from fxlens.ir.probe import LOW_PRECISION_EPS, SELF_CHECK_RTOL, self_check_rtol
+from fxlens.runtime.build import PROCESSING_FLAGS
 from fxlens.runtime.model import HookedEncoder, HookedModel
 from fxlens.runtime.stages import PipelinedModel
 from fxlens.tools.harvesting import harvest

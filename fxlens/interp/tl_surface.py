@@ -16,16 +16,17 @@ import warnings
 import torch
 
 from fxlens.interp.cache import apply_slice
-from fxlens.errors import FxlensError, NotApplicableError, ProcessingError, SelfCheckError
+from fxlens.errors import FxlensError, NotApplicableError, ProcessingError
 from fxlens.discovery.names import is_opt_in
 from fxlens.ir.params import ProcessingLog
+from fxlens.ir.probe import SELF_CHECK_RTOL, check_on_probe, probe_tokens
 from fxlens.passes.insert_hooks import CONTAINER
 from fxlens.pipeline import reprocess
 
 # Weight processing reruns the passes; it must keep log-probs (logits move by a
 # per-position constant under center_unembed). As the load-time self-check:
 # 1e-4 of the largest logit separates float32 rounding from a wrong rewrite.
-REPROCESS_RTOL = 1e-4
+REPROCESS_RTOL = SELF_CHECK_RTOL
 
 # TransformerLens's opt-in switches -> the sites each one adds, per block
 _OPT_IN_SWITCHES = {
@@ -418,8 +419,7 @@ class TransformerLensMixin:
         flags = {k: v for k, v in flags.items() if v}
         if not flags:
             return
-        probe = torch.randint(0, self.cfg.d_vocab, (1, min(7, self.cfg.n_ctx)),
-                              generator=torch.Generator().manual_seed(1)).to(self.cfg.device)
+        probe = probe_tokens(self.cfg.d_vocab, self.cfg.n_ctx, device=self.cfg.device, batch=1)
         before = self._probe_log_probs(probe)
         log = self.processing if self.processing is not None else ProcessingLog()
         was, n_skipped = dict(log.applied), len(log.skipped)
@@ -443,14 +443,11 @@ class TransformerLensMixin:
         if getattr(self, "_processing_flags", None) is not None:
             self._processing_flags.update(flags)     # per-length graphs are built with these
         self._graph_changed()
-        after = self._probe_log_probs(probe)
-        err = (after - before).abs().max().item()
-        scale = max(before.abs().max().item(), 1.0)
-        if not err <= REPROCESS_RTOL * scale:
-            raise SelfCheckError(
-                f"weight processing ({', '.join(flags)}) moved this model's log-probs by {err:.3g} "
-                f"(largest {scale:.3g}); the model is left processed and should not be trusted. "
-                f"Reload it, and please report the model")
+        check_on_probe(
+            before, self._probe_log_probs(probe), REPROCESS_RTOL,
+            failure=lambda err, scale: f"weight processing ({', '.join(flags)}) moved this model's log-probs by "
+            f"{err:.3g} (largest {scale:.3g}); the model is left processed and should not be trusted. "
+            f"Reload it, and please report the model")
 
     def _probe_log_probs(self, probe: torch.Tensor) -> torch.Tensor:
         """Log-probs of the eager graph on `probe`, with every hook set aside."""

@@ -20,6 +20,7 @@ from fxlens.frontend.capture import capture
 from fxlens.frontend.decoder import Captured, checkpoint_kind
 from fxlens.frontend.encoder import EncoderCaptured, capture_encoder
 from fxlens.ir.params import get_tensor
+from fxlens.ir.probe import SELF_CHECK_RTOL, check_on_probe, probe_tokens, self_check_rtol
 from fxlens.passes import materialise_opt_in
 from fxlens.passes.insert_hooks import CONTAINER
 from fxlens.pipeline import ENCODER, Context, run_pipeline
@@ -30,24 +31,6 @@ PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold
 DEFAULT_FLAGS = {f: f != "refactor_factored_attn_matrices" for f in PROCESSING_FLAGS}
 HF_KWARGS = {"gguf_file", "revision", "trust_remote_code", "cache_dir", "local_files_only",
               "subfolder", "token", "tokenizer", "device_map", "max_memory", "offload_folder"}
-
-# Self-check tolerance: exposing norms turns x*rsqrt(v) into x/sqrt(v) and
-# LayerNorm into explicit ops, which moves float32 logits by ~1e-6 of their
-# size; 1e-4 of the largest logit separates that from a wrong rewrite.
-SELF_CHECK_RTOL = 1e-4
-# In bfloat16 / float16 rounding dominates: the folded weights w*a are rounded to
-# the dtype once more (<= eps/2 each) and activations round at other points than
-# HF's, so processed and HF log-probs differ by about as much as HF's own bf16 run
-# differs from its float32 one: <= 3 eps of the largest log-prob on the tiny test
-# models (eps = 2^-7 bf16, 2^-10 fp16). 8 eps leaves room for deeper models; a
-# wrong fold (a norm weight of 1 +- 0.1 dropped) moves them by ~30 eps.
-LOW_PRECISION_EPS = 8
-
-
-def self_check_rtol(dtype: torch.dtype) -> float:
-    """The relative tolerance of the self-check for a model computing in `dtype`."""
-    return max(SELF_CHECK_RTOL, LOW_PRECISION_EPS * torch.finfo(dtype).eps)
-
 
 def submodule_path(model: torch.nn.Module, module) -> str | None:
     """The name of `module` inside `model` (None if it is not one of its modules)."""
@@ -63,31 +46,23 @@ def _self_check(gm, cap: Captured, n_ctx: int, d_vocab: int, compare_log_probs: 
     """Refuse a graph whose outputs differ from the original model's on a probe
     (of `shape`, default [2, 7]). With center_unembed on, logits move by a
     per-position constant, so log-probs are compared instead."""
-    probe = torch.randint(0, d_vocab, shape or (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
-    probe = probe.to(cap.device)
+    probe = probe_tokens(d_vocab, n_ctx, shape, cap.device)
     with torch.no_grad():
         want = cap.reference_logits(probe)
-        rtol = self_check_rtol(want.dtype)
-        want = want.float()
         try:
-            got = gm(probe).float().to(want.device)
+            got = gm(probe)
         except Exception as exc:   # the rewritten graph does not run: a pass broke it
             raise SelfCheckError(
                 f"the instrumented graph fails on a probe input of shape {list(probe.shape)} with "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; turn processing "
                 f"flags off (or use from_pretrained_no_processing) to find the pass at fault, and "
                 f"please report the model") from exc
-    if compare_log_probs:
-        want, got = want.log_softmax(-1), got.log_softmax(-1)
-    err = (got - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1.0)
-    if not err <= rtol * scale:
-        what = "log-probs" if compare_log_probs else "logits"
-        raise SelfCheckError(
-            f"the instrumented graph's {what} differ from the original model's by {err:.3g} "
-            f"(largest {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
-            f"Turn processing flags off to find the pass at fault, and please report the model.")
-    return err
+    what = "log-probs" if compare_log_probs else "logits"
+    return check_on_probe(
+        want, got, self_check_rtol(want.dtype), log_probs=compare_log_probs,
+        failure=lambda err, scale: f"the instrumented graph's {what} differ from the original model's by {err:.3g} "
+        f"(largest {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
+        f"Turn processing flags off to find the pass at fault, and please report the model.")
 
 
 def build_decoder(model_cls, source, flags: dict, device, dtype, self_check: bool, default_prepend_bos, on_pass,
@@ -180,19 +155,14 @@ def _graph_at(cap: Captured, flags: dict, self_check: bool, model, batch: int, s
 def _encoder_self_check(gm, hf_model, n_ctx: int, d_vocab: int, rtol: float) -> float:
     """The graph's output vs the HF model's first output (MLM logits, or the last
     hidden state of a bare encoder) on a probe input."""
-    probe = torch.randint(0, d_vocab, (2, min(7, n_ctx)), generator=torch.Generator().manual_seed(1))
-    probe = probe.to(next(hf_model.parameters()).device)
+    probe = probe_tokens(d_vocab, n_ctx, device=next(hf_model.parameters()).device)
     with torch.no_grad():
-        want = hf_model(probe)[0].float()
-        got = gm(probe).float()
-    err = (got - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1.0)
-    if not err <= rtol * scale:
-        raise SelfCheckError(
-            f"the instrumented encoder's outputs differ from the original model's by {err:.3g} "
-            f"(largest {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
-            f"Please report the model.")
-    return err
+        want, got = hf_model(probe)[0], gm(probe)
+    return check_on_probe(
+        want, got, rtol,
+        failure=lambda err, scale: f"the instrumented encoder's outputs differ from the original model's by {err:.3g} "
+        f"(largest {scale:.3g}) on a probe input; fxlens refuses to return wrong numbers. "
+        f"Please report the model.")
 
 
 def build_encoder(encoder_cls, source, *, device=None, dtype=torch.float32, self_check: bool = True, on_pass=None,
