@@ -175,6 +175,17 @@ def tl_from_hf(hf):
     return tl.eval()
 
 
+def tl_or_none(hf, which: str, with_tl: bool):
+    """`tl_from_hf(hf)`, or None (said on stderr) when TransformerLens is skipped or fails."""
+    if not with_tl:
+        return None
+    try:
+        return tl_from_hf(hf)
+    except Exception as exc:  # noqa: BLE001 - reported in the output
+        print(f"  TransformerLens unavailable for {which}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 # --- one model --------------------------------------------------------------------------
 def bench_model(which: str, batch: int, seq: int, reps: int, with_tl: bool) -> dict:
     import torch
@@ -228,12 +239,7 @@ def bench_model(which: str, batch: int, seq: int, reps: int, with_tl: bool) -> d
               "fxlens eager forward": fx_eager(fx_fwd), "fxlens compiled forward": fx_fwd,
               "fxlens eager run_with_cache": fx_eager(fx_cache), "fxlens compiled run_with_cache": fx_cache,
               "fxlens eager editing hook": fx_eager(fx_hook), "fxlens compiled editing hook": fx_hook}
-    tl = None
-    if with_tl:
-        try:
-            tl = tl_from_hf(hf_copy)
-        except Exception as exc:  # noqa: BLE001 - reported in the output
-            print(f"  TransformerLens unavailable for {which}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    tl = tl_or_none(hf_copy, which, with_tl)
     if tl is not None:
         phase1.update({
             "TL forward": lambda: tl(tokens),

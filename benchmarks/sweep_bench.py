@@ -135,12 +135,7 @@ def bench_model(which: str, batch: int, seq: int, reps: int, with_tl: bool, max_
     corrupt[:, : max(1, seq // 2)] = torch.randint(0, vocab, (batch, max(1, seq // 2)), generator=gen)
     answer = (int(torch.randint(0, vocab, (1,), generator=gen)), int(torch.randint(0, vocab, (1,), generator=gen)))
     fx = fxlens.from_pretrained_no_processing(hf_copy, self_check=False).compile()
-    tl = None
-    if with_tl:
-        try:
-            tl = bench.tl_from_hf(hf_copy)
-        except Exception as exc:  # noqa: BLE001 - reported in the output
-            print(f"  TransformerLens unavailable for {which}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    tl = bench.tl_or_none(hf_copy, which, with_tl)
     del hf
     variants, readings, sweep_steps = sweeps(fx, tl, tokens, corrupt, answer, max_steps)
     result = {"model": which, "label": label, "batch": batch, "seq": seq,
