@@ -9,11 +9,13 @@ Cost: SmolLM2 (gguf dequantisation + capture) is loaded once, ~30 s.
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 import pytest
 import torch
-from conftest import captured, hf_model, oracle_model, smollm2_pair
+from conftest import captured, hf_model, oracle_model, rel_err, smollm2_pair
 
 import fxlens
 from fxlens.runtime import kv_cache
@@ -75,8 +77,8 @@ def test_steering_hook_changes_text_and_leaves_with_its_block(smol):
         steered = greedy(model, text, 4, prepend_bos=False)
     assert steered.startswith(text + " London")                       # unsteered: " Paris" (test above)
     n = model.to_tokens(text, prepend_bos=False).shape[1]
-    # KV cache: the prompt one token at a time, then one new position per step
-    assert lengths == [1] * (n + 3)
+    # KV cache: the prompt in one pass (prefill), then one new position per step
+    assert lengths == [n, 1, 1, 1]
     assert model.hook_dict[site].fwd_hooks == []
 
 
@@ -207,13 +209,64 @@ def test_progress_bar_and_kv_cache_fallback_said_once(capsys, monkeypatch):
         greedy(opt, ids, 2)
 
 
-def test_kv_cache_hooks_see_one_new_position_per_step():
+def test_kv_cache_hooks_see_the_prompt_then_one_position_per_step():
     model, ids = oracle_model("gpt2"), prompts(1, 4)
     shapes = []
-    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: shapes.append(tuple(x.shape)))]):
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: shapes.append(tuple(x.shape))),
+                                ("blocks.0.hook_resid_post", lambda x, hook: shapes.append(tuple(x.shape)))]):
         greedy(model, ids, 3, stop_at_eos=False)
-    # 4 prompt tokens one at a time, then 2 decode steps (the 3rd token needs no forward)
-    assert shapes == [(1, model.cfg.n_heads, 1, k) for k in range(1, 7)]
+    # as TransformerLens's use_past_kv_cache=True: the 4-token prompt once, then 2 decode steps
+    # (the 3rd token needs no forward), each one query against every key so far
+    h, d = model.cfg.n_heads, model.cfg.d_model
+    assert shapes == [(1, 4, d), (1, h, 4, 4), (1, 1, d), (1, h, 1, 5), (1, 1, d), (1, h, 1, 6)]
+
+
+# The prefill graph is a copy of the full graph with extra outputs: the same ATen ops on the
+# same inputs, so eagerly its activations are bitwise the full graph's; 1e-5 (10x under the
+# oracle tests' 1e-4) leaves room for nothing but float32 rounding, where a shifted position or
+# an attended pad moves values by O(1).
+PREFILL_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefill_activations_equal_run_with_cache(arch):
+    model = oracle_model(arch)
+    ids = prompts(2, 7, seed=3)
+    first: dict[str, torch.Tensor] = {}
+
+    def keep(x, hook):
+        first.setdefault(hook.name, x.clone())     # the prefill is each hook's first call
+
+    greedy(model, ids, 2, stop_at_eos=False, fwd_hooks=[(n, keep) for n in model.hook_names])
+    _, cache = model.run_with_cache(ids)
+    assert sorted(first) == sorted(cache.keys()) and len(first) == len(model.hook_names)
+    for name, want in cache.items():
+        got = first[name]
+        assert got.shape == want.shape and got.shape[:2] in ((2, 7), (2, model.cfg.n_heads)), name
+        assert rel_err(got, want) <= PREFILL_RTOL, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompts_of_different_lengths_run_as_one_padded_batch(arch):
+    model = oracle_model(arch)
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(7, 500, (n,), generator=gen) for n in (3, 8, 5)]
+    alone = [greedy(model, r[None], 6, stop_at_eos=False)[0] for r in rows]
+    ids = torch.stack([torch.cat([torch.zeros(8 - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([(torch.arange(8) >= 8 - len(r)).long() for r in rows])
+    shapes = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: shapes.append(tuple(x.shape[:2])))]):
+        out = greedy(model, ids, 6, stop_at_eos=False, attention_mask=mask, padding_side="left")
+    # one batch: the left-padded prompts once, then every row one token per step
+    assert shapes == [(3, 8)] + [(3, 1)] * 5
+    assert out.shape == (3, 14)
+    for i, r in enumerate(rows):
+        assert torch.equal(out[i, 8 - len(r):], alone[i]), i
+        assert (out[i, : 8 - len(r)] == model._pad_id()).all()
+    # the recompute path pads likewise, with the same tokens
+    plain = greedy(model, ids, 6, stop_at_eos=False, attention_mask=mask, padding_side="left",
+                   use_past_kv_cache=False)
+    assert torch.equal(plain, out)
 
 
 # --- compiled -----------------------------------------------------------------------------
@@ -233,12 +286,29 @@ def test_compiled_model_generates_with_one_graph():
         greedy(model, ids, 8, stop_at_eos=False, use_past_kv_cache=False)
     # the hook set runs in segments (embedding, one block for all three, unembedding)
     assert model.compile_stats()["compilations"] == 1 + 3
-    # the KV-cache decode graph compiles too; a longer cache does not recompile each step
-    before = model.compile_stats()["compilations"]
-    assert torch.equal(greedy(model, ids, 8, stop_at_eos=False), want)
-    after_first = model.compile_stats()["compilations"]
-    # dynamo specialises cache lengths 0 and 1, then marks the length dynamic after one more
-    # recompile: a handful of graphs for the first run, none for the next
-    assert after_first - before <= 4
-    greedy(model, prompts(2, 9, seed=1), 8, stop_at_eos=False)
-    assert model.compile_stats()["compilations"] == after_first
+
+
+def test_compiled_generation_compiles_prefill_and_decode_once(caplog):
+    """Two generations with other prompt lengths and max_new_tokens, then a left-padded
+    batch: one compiled prefill graph and one decode graph in all (dynamic batch, prompt
+    and cache lengths; the mask always given), each said on the fxlens.compile logger."""
+    model = fxlens.from_pretrained_no_processing(captured("gpt2")).compile(backend="eager")
+    eager = oracle_model("gpt2")
+    a, b = prompts(2, 5), prompts(2, 9, seed=1)
+    rows = [prompts(1, 3, seed=2)[0], prompts(1, 6, seed=3)[0]]
+    with caplog.at_level(logging.INFO, logger="fxlens.compile"):
+        assert torch.equal(greedy(model, a, 8, stop_at_eos=False), greedy(eager, a, 8, stop_at_eos=False))
+        assert torch.equal(greedy(model, b, 3, stop_at_eos=False), greedy(eager, b, 3, stop_at_eos=False))
+        assert model.compile_stats()["compilations"] == 2
+        ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), rows[0]]), rows[1]])
+        mask = torch.stack([(torch.arange(6) >= 3).long(), torch.ones(6, dtype=torch.long)])
+        padded = greedy(model, ids, 4, stop_at_eos=False, attention_mask=mask, padding_side="left")
+    for i, r in enumerate(rows):
+        assert torch.equal(padded[i, 6 - len(r):], greedy(eager, r[None], 4, stop_at_eos=False)[0])
+    assert model.compile_stats()["compilations"] == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "fxlens.compile"]
+    assert len(said) == 4, said
+    assert said[0].startswith("fxlens: compiling prefill of") and "graph nodes" in said[0]
+    assert re.fullmatch(r"fxlens: compiled prefill in \d+\.\d s", said[1])
+    assert said[2].startswith("fxlens: compiling decode of")
+    assert re.fullmatch(r"fxlens: compiled decode in \d+\.\d s", said[3])

@@ -201,3 +201,23 @@ def test_positions_not_taken_from_the_mask_refuse_left_padding():
                                            r"positions' logits differ .* or pad on the right"):
         model.run_with_cache(ids, attention_mask=mask)
     _assert_rows_match(model, model, rows, "right")            # right padding keeps positions: exact
+
+
+def test_generate_where_left_padding_is_refused_runs_rows_apart():
+    """Prompts of different lengths on a model whose positions ignore the mask: generate
+    does not pad them into one batch (that would shift the short row's positions); rows
+    of equal length run together, each row exactly its solo generation."""
+    model = _subclassed(_NoPositions)
+    assert model.padding_support("left") != ""
+    rows = _rows(model.cfg.d_vocab)
+    ids, mask = _pad(rows, "left")
+    batches = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: batches.append(tuple(x.shape[:2])))]):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, verbose=False,
+                             stop_at_eos=False, padding_side="left")
+    assert (1, 5) in batches and (1, N) in batches and all(b == 1 for b, _ in batches)   # never padded
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], max_new_tokens=3, do_sample=False, verbose=False, stop_at_eos=False)
+        assert torch.equal(out[i, N - len(r):], alone[0])
+    with pytest.raises(PaddingError):
+        model(ids, attention_mask=mask)

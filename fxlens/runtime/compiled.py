@@ -49,6 +49,7 @@ that a sequence length equal to a static size by chance is not unified with it
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import sys
@@ -69,6 +70,9 @@ from fxlens.passes.specialise import specialise
 # (inductor reorders reductions and fuses the softmax; sdpa normalises
 # blockwise); tests compare at this relative tolerance, as the oracle tests do.
 COMPILED_RTOL = 1e-4
+
+# one INFO line as a graph starts compiling (which variant, how big) and one when done (seconds)
+log = logging.getLogger("fxlens.compile")
 
 
 class CompileFallbackWarning(UserWarning):
@@ -300,21 +304,34 @@ class CompiledRunner:
         """The chosen backend, counting each graph it compiles (tests count these)
         on `counter` (a Variant or a CompiledSegment) and on the runner."""
         inner = self._inner_backend()
+        label = f"variant {_label(counter)}" if isinstance(counter, Variant) else \
+            f"segment {len(self.segments)}"
 
         def backend(gm, example_inputs):
             counter.compilations += 1
-            self.compilations += 1
-            return inner(gm, example_inputs)
+            return self._timed(inner, label)(gm, example_inputs)
 
         return backend
 
-    def compile_graph(self, gm: fx.GraphModule, dynamic: bool = True):
-        """`gm` (a graph of the model's other than its variants: the KV decoder's)
-        through torch.compile with this runner's backend, counted in `compilations`."""
-        def backend(graph, example_inputs, inner=self._inner_backend()):
+    def _timed(self, inner, label: str):
+        """`inner` (a backend), counted in `compilations`, saying on the `fxlens.compile`
+        logger what it compiles and how long that took."""
+        def backend(gm, example_inputs):
             self.compilations += 1
-            return inner(graph, example_inputs)
-        return torch.compile(gm, backend=backend, dynamic=dynamic)
+            log.info("fxlens: compiling %s of %s (%d graph nodes; backend %s)", label,
+                     self.model.cfg.model_name or "the model", len(gm.graph.nodes), self.backend)
+            start = time.perf_counter()
+            out = inner(gm, example_inputs)
+            log.info("fxlens: compiled %s in %.1f s", label, time.perf_counter() - start)
+            return out
+        return backend
+
+    def compile_graph(self, gm: fx.GraphModule, dynamic: bool | None = True, label: str = "graph"):
+        """`gm` (a graph of the model's other than its variants: the KV cache's prefill and
+        decode graphs) through torch.compile with this runner's backend, counted in
+        `compilations` and logged as `label`. `dynamic=False`: only the dimensions the
+        caller marks dynamic (`torch._dynamo.maybe_mark_dynamic`) are."""
+        return torch.compile(gm, backend=self._timed(self._inner_backend(), label), dynamic=dynamic)
 
     def _inner_backend(self):
         if callable(self.backend):

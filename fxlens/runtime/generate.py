@@ -1,18 +1,22 @@
 """Sampling from a HookedModel: TransformerLens's `generate`, with hooks active.
 
-With `use_past_kv_cache=True` (the default, as TransformerLens) each step runs
-the decode graph of `fxlens.runtime.kv_cache` on the new token against cached keys and
-values; the prompt is fed one token at a time through it, so hooks see one
-position per step (`[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`).
-A model whose decode graph fails its load check (a sliding window shorter than
-the probe) falls back, with one warning, to the path `use_past_kv_cache=False`
+With `use_past_kv_cache=True` (the default, as TransformerLens) the prompt runs
+once through the prefill graph of `fxlens.runtime.kv_cache` (hooks see
+`[batch, prompt_len, ...]`), which also returns every layer's keys and values;
+then each step runs the decode graph on the new token against them (hooks see
+`[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`). A compiled model
+compiles the two graphs once each (batch, prompt and cache lengths dynamic).
+A model whose graphs fail their load check (a sliding window shorter than the
+probe) falls back, with one warning, to the path `use_past_kv_cache=False`
 always takes: `self.forward` on the whole sequence so far each step (a compiled
 model reuses one compiled graph, its sequence length being dynamic), hooks
-seeing `[batch, pos_so_far, ...]`. The decode graph takes no attention mask,
-so prompts of different lengths (a list of texts, or token rows with an
-`attention_mask`) are never padded into one batch: rows of equal length run
-together, each group on its own (with the KV cache), and the results are
-assembled into one padded answer; each row is exactly its own generation.
+seeing `[batch, pos_so_far, ...]`. Prompts of different lengths (a list of
+texts, or token rows with an `attention_mask`) run as one left-padded batch
+with its mask where the model masks left padding exactly
+(`HookedModel.padding_support("left")`: positions from the mask); elsewhere
+rows of equal length run together, each group on its own. Either way each row
+is exactly its own generation, and the results are assembled into one padded
+answer.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ class KVCacheWarning(UserWarning):
 
 def sample_logits(final_logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
                   temperature: float = 1.0, freq_penalty: float = 0.0,
-                  tokens: torch.Tensor | None = None) -> torch.Tensor:
+                  tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[batch, d_vocab] logits -> [batch] sampled token ids, as TransformerLens's
     `utils.sample_logits`: temperature 0 is argmax; otherwise logits / temperature,
     minus `freq_penalty` x (how often each id occurs in `tokens` [batch, pos]),
     then `top_k` (keep the k largest) or else `top_p` (keep the smallest set of
-    most likely tokens whose mass reaches top_p), then one categorical draw."""
+    most likely tokens whose mass reaches top_p), then one categorical draw.
+    `mask` [batch, pos] (0 at padding): pad tokens are not counted."""
     if temperature == 0.0:
         return final_logits.argmax(dim=-1)
     logits = final_logits.float() / temperature                          # [batch, d_vocab]
@@ -48,8 +53,8 @@ def sample_logits(final_logits: torch.Tensor, top_k: int | None = None, top_p: f
         if tokens is None:
             raise ValueError("freq_penalty needs the tokens generated so far (tokens=...)")
         tokens = tokens.to(logits.device)
-        counts = torch.zeros_like(logits).scatter_add_(
-            -1, tokens, torch.ones_like(tokens, dtype=logits.dtype))     # [batch, d_vocab] occurrences
+        seen = torch.ones_like(tokens, dtype=logits.dtype) if mask is None else mask.to(logits)
+        counts = torch.zeros_like(logits).scatter_add_(-1, tokens, seen)  # [batch, d_vocab] occurrences
         logits = logits - freq_penalty * counts
     if top_k is not None:
         if top_k <= 0:
@@ -94,16 +99,18 @@ class GenerateMixin:
         token while other rows go on; generation ends when every row has stopped.
 
         Hooks already on the model (`with model.hooks(...)`, `add_hook`) and those
-        given as `fwd_hooks=[(name, fn)]` (for this call only) fire at every step,
-        on the whole sequence so far. `verbose` shows a tqdm progress bar.
+        given as `fwd_hooks=[(name, fn)]` (for this call only) fire at every step:
+        on the prompt, then on each new token (KV cache), or on the whole
+        sequence so far (recomputing). `verbose` shows a tqdm progress bar.
 
-        `use_past_kv_cache=True` decodes with cached keys and values (module
-        docstring); False, or a model whose decode graph fails its check,
-        recomputes the prefix each step. Differences from TransformerLens:
-        - the prompt goes through the KV cache one token at a time.
-        - a list of prompts of different lengths runs in groups of equal length,
-          so no row ever attends to padding; each row's continuation is exactly
-          what it would be alone. Tokens returned for such a list are padded on
+        `use_past_kv_cache=True` runs the prompt once (prefill), then decodes
+        with cached keys and values (module docstring); False, or a model whose
+        decode graph fails its check, recomputes the prefix each step.
+        Differences from TransformerLens:
+        - a list of prompts of different lengths runs as one left-padded,
+          masked batch (positions from the mask), or, where the model cannot
+          mask padding exactly, in groups of equal length; each row's
+          continuation is exactly what it would be alone. Tokens returned for such a list are padded on
           `padding_side`: left gives `[pad.., prompt, new]` (as TransformerLens),
           right gives `[prompt, new, pad..]`. A token tensor is used as given
           (every row is a whole prompt), or with `attention_mask` [batch, pos]
@@ -128,10 +135,13 @@ class GenerateMixin:
                 f"generate: a {longest}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
                 f"model's context n_ctx={self.cfg.n_ctx}; shorten the prompt or ask for fewer tokens.")
 
-        # rows of equal length run as one batch; each group gets its own steps
+        # one left-padded batch where the model masks padding exactly; else rows of equal length
+        # run as one batch each (never a padded row that would not equal its own run)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.shape[-1], []).append(i)
+        if len(groups) > 1 and self.padding_support("left") == "":
+            groups = {longest: list(range(len(rows)))}
         sampling = dict(do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
                         freq_penalty=freq_penalty)
         from tqdm.auto import tqdm
@@ -140,8 +150,8 @@ class GenerateMixin:
         with tqdm(total=max_new_tokens * len(groups), disable=not verbose) as bar, \
                 self.hooks(fwd_hooks=fwd_hooks):
             for idx in groups.values():
-                prompt = torch.cat([rows[i] for i in idx])                 # [group, pos]
-                out = self._generate_group(prompt, max_new_tokens, stop_tokens, eos_pad, sampling, bar,
+                prompt, mask = self._left_padded([rows[i] for i in idx])   # [group, pos] each
+                out = self._generate_group(prompt, mask, max_new_tokens, stop_tokens, eos_pad, sampling, bar,
                                            decoder)
                 for j, i in enumerate(idx):
                     new[i] = out[j]
@@ -225,27 +235,39 @@ class GenerateMixin:
             self._decoder_cache = cached = (key, decoder)
         return cached[1]
 
-    def _generate_group(self, tokens: torch.Tensor, max_new_tokens: int, stop_tokens: list[int],
-                        eos_pad: int, sampling: dict, bar, decoder=None) -> torch.Tensor:
-        """Generate for prompts of one length, [batch, pos] -> new ids [batch, n_steps]."""
+    def _left_padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[1, pos_i] prompts -> ([batch, pos] ids left-padded, mask [batch, pos]; None
+        where all have one length)."""
+        width = max(r.shape[-1] for r in rows)
+        if all(r.shape[-1] == width for r in rows):
+            return torch.cat(rows), None
+        pad = self._pad_id()
+        ids = torch.cat([torch.cat([r.new_full((1, width - r.shape[-1]), pad), r], 1) for r in rows])
+        mask = torch.cat([torch.cat([r.new_zeros((1, width - r.shape[-1])), torch.ones_like(r)], 1)
+                          for r in rows])
+        return ids, mask
+
+    def _generate_group(self, tokens: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int,
+                        stop_tokens: list[int], eos_pad: int, sampling: dict, bar, decoder=None) -> torch.Tensor:
+        """Generate for one batch of prompts, [batch, pos] (left-padded where `mask`
+        [batch, pos] is given) -> new ids [batch, n_steps]."""
         batch, prompt_len = tokens.shape
         finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
         stop = torch.tensor(stop_tokens, dtype=torch.long, device=tokens.device)
         if decoder is not None:
-            # the prompt through the cache one token at a time; then one token per step
-            past = decoder.empty_past(batch, tokens.device, self.cfg.dtype)
-            for i in range(prompt_len):
-                logits, past = decoder.step(tokens[:, :i + 1], past)
+            # the prompt in one pass (hooks see [batch, pos, ...]); then one token per step
+            logits, past = decoder.prefill(tokens, mask)
         for step in range(max_new_tokens):
             if decoder is None:
-                final_logits = self.forward(tokens)[:, -1, :]               # [batch, d_vocab]
+                final_logits = self.forward(tokens, attention_mask=mask)[:, -1, :]   # [batch, d_vocab]
             else:
                 if step:
-                    logits, past = decoder.step(tokens, past)
-                final_logits = logits[:, -1, :]
+                    logits, past = decoder.step(tokens, mask, past)
+                final_logits = logits[:, -1, :]          # left padding: every row's last token
             if sampling["do_sample"]:
                 nxt = sample_logits(final_logits, sampling["top_k"], sampling["top_p"],
-                                    sampling["temperature"], sampling["freq_penalty"], tokens=tokens)
+                                    sampling["temperature"], sampling["freq_penalty"], tokens=tokens,
+                                    mask=mask)
             else:
                 nxt = final_logits.argmax(dim=-1)                           # [batch]
             nxt = nxt.to(tokens.device)
@@ -254,6 +276,8 @@ class GenerateMixin:
                 nxt = nxt.masked_fill(finished, eos_pad)
                 finished |= torch.isin(nxt, stop)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
             bar.update(1)
             if stop_tokens and bool(finished.all()):
                 bar.update(max_new_tokens - step - 1)
