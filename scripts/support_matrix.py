@@ -2,16 +2,17 @@
 
 For each `model_type` of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`:
   1. build it tiny from its own config class (`tiny_config`: small sizes found
-     by config field name, eager attention, fixed seed) and run HF's forward
-     with hidden states -- a type whose HF model cannot be built or run is
-     listed as `hf-broken` and not counted;
+     by config field name, eager attention, fixed seed; where HF's model cannot
+     be built or run at those sizes, the wider WIDE ones) and run HF's forward
+     with hidden states -- a type whose HF model cannot be built or run at
+     either is listed as `hf-broken` and not counted;
   2. capture it (`fxlens.capture`: torch.export; a failure counts against fxlens),
      instrument it unprocessed and check: log-probs equal HF's, every layer has
      the core sites, `hook_resid_pre` equals HF's `hidden_states[L]`, pattern
      rows sum to 1;
   3. instrument it processed (`fxlens.from_pretrained`): log-probs equal HF's.
 
-Each type runs in its own forked subprocess with a time limit, one at a time.
+Each type runs in its own forked subprocess with a time limit (--jobs at once).
 Writes docs/SUPPORT.md and docs/support.json.
 
     nice -n 10 .venv/bin/python scripts/support_matrix.py            # all types
@@ -28,6 +29,7 @@ import sys
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,15 +64,25 @@ TINY = {
     "first_k_dense_replace": 1, "vocab_size": VOCAB, "initializer_range": 0.1,
 }
 
+# A second, wider set of sizes, tried only when HF's own model cannot be built or
+# run at the first (a rotary_dim or rope head dim of 64 left at its default next
+# to a 16-wide head, a ratio the class asserts): 64-wide heads.
+WIDE = {**TINY, **{k: 256 for k in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")},
+        **{k: 64 for k in ("head_dim", "kv_channels", "attention_head_dim", "qk_head_dim", "v_head_dim")},
+        **{k: 512 for k in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff",
+                            "decoder_ffn_dim", "mlp_dim", "dim_ff")},
+        "qk_rope_head_dim": 32, "qk_nope_head_dim": 32, "kv_lora_rank": 64, "q_lora_rank": 64}
+SIZES = {"tiny": TINY, "wide": WIDE}
+
 
 def _mapped(cls, key: str) -> str:
     return getattr(cls, "attribute_map", {}).get(key, key)
 
 
-def _shrink(defaults: dict, cls) -> dict:
+def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
     """Overrides that make a config of class `cls` (its defaults `defaults`) tiny."""
     out = {}
-    for key, value in TINY.items():
+    for key, value in sizes.items():
         real = _mapped(cls, key)
         if real in defaults and real not in out and isinstance(defaults[real], int) \
                 and not isinstance(defaults[real], bool):
@@ -103,20 +115,24 @@ def _shrink(defaults: dict, cls) -> dict:
     for k, v in defaults.items():   # nested sub-configs (text_config, ...)
         if isinstance(v, dict) and k.endswith("config") and "model_type" in v:
             from transformers import CONFIG_MAPPING
-            sub = CONFIG_MAPPING.get(v["model_type"])
-            if sub is not None:
-                out[k] = {**v, **_shrink(v, sub)}
+            # CONFIG_MAPPING is lazy: its .get() (the OrderedDict's) sees none of the
+            # entries, so every nested config stayed full size; [] loads the class
+            try:
+                sub = CONFIG_MAPPING[v["model_type"]]
+            except KeyError:
+                continue
+            out[k] = {**v, **_shrink(v, sub, sizes)}
     return out
 
 
-def tiny_config(model_type: str):
-    """The config of a tiny `model_type`, from its own class's defaults."""
+def tiny_config(model_type: str, sizes: str = "tiny"):
+    """The config of a tiny `model_type`, from its own class's defaults (SIZES[sizes])."""
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         defaults = cls().to_dict()
-        cfg = cls(**_shrink(defaults, cls))
+        cfg = cls(**_shrink(defaults, cls, SIZES[sizes]))
     if hasattr(cfg, "is_decoder"):
         cfg.is_decoder = True   # encoders used as causal LMs (BertLMHeadModel) ask for it
     return cfg
@@ -134,12 +150,12 @@ def _perturb(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, sizes: str = "tiny"):
     """A tiny random-weight HF causal LM of `model_type`, eager attention, float32, eval."""
     import torch
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, sizes)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     _perturb(model, seed + 1)
     return model.float().eval()
@@ -167,20 +183,25 @@ def check_type(model_type: str) -> dict:
     import fxlens
     row = {"model_type": model_type, "status": None, "reason": "", "sites": [], "n_layers": None,
            "capture": None, "processed": None, "processed_reason": "", "checks": {}}
-    # --- HF itself ---------------------------------------------------------------------
-    try:
-        hf = tiny_model(model_type)
-        vocab = hf.get_input_embeddings().weight.shape[0]
-        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-        with torch.no_grad():
-            out = hf(ids, use_cache=False, output_hidden_states=True)
-        want = out.logits.float().log_softmax(-1)
-        hidden = out.hidden_states
-        if not bool(torch.isfinite(want).all()):
-            raise ValueError("HF's logits are not finite")
-    except Exception as exc:
-        row.update(status="hf-broken", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+    # --- HF itself (at the tiny sizes, else the wide ones) ------------------------------
+    for sizes in SIZES:
+        try:
+            hf = tiny_model(model_type, sizes=sizes)
+            vocab = hf.get_input_embeddings().weight.shape[0]
+            ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+            with torch.no_grad():
+                out = hf(ids, use_cache=False, output_hidden_states=True)
+            want = out.logits.float().log_softmax(-1)
+            hidden = out.hidden_states
+            if not bool(torch.isfinite(want).all()):
+                raise ValueError("HF's logits are not finite")
+            row["sizes"] = sizes
+            break
+        except Exception as exc:
+            row.update(status="hf-broken", reason=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+    else:
         return row
+    row["status"], row["reason"] = None, ""
     # --- fxlens, unprocessed ---------------------------------------------------------------
     try:
         cap = fxlens.capture(hf)
@@ -308,6 +329,8 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
         "Generated by `scripts/support_matrix.py` -- do not edit by hand. Every `model_type` of",
         "`transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny from",
         "its own config class (random weights, eager attention, fixed seed), captured and instrumented.",
+        "Status `(wide)`: HF's model could not be built or run at the tiny sizes (64-wide model,",
+        "16-wide heads) and was at the wide ones (256-wide model, 64-wide heads).",
         "",
         f"**{s['pass']} of {s['counted']} model types pass ({100 * (s['pass_rate'] or 0):.1f}%)**; "
         f"{s['hf_broken']} whose HF model itself cannot be built tiny or run are listed and not counted. "
@@ -334,7 +357,8 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
         if r.get("processed") not in (None, "pass") and r.get("processed_reason"):
             reason = (reason + "; " if reason else "") + "processed: " + r["processed_reason"]
         reason = reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r['model_type']} | {r['status']} | {r.get('processed') or ''} | {cap_s} | "
+        status = r["status"] + (" (wide)" if r.get("sizes") == "wide" else "")
+        lines.append(f"| {r['model_type']} | {status} | {r.get('processed') or ''} | {cap_s} | "
                      f"{' '.join(sites)} | {reason} |")
     (out_dir / "SUPPORT.md").write_text("\n".join(lines) + "\n")
 
@@ -342,7 +366,8 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated model types (default: all)")
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per model type")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
+    ap.add_argument("--jobs", type=int, default=1, help="model types checked at once (one thread each)")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for SUPPORT.md and support.json")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--merge", action="store_true",
@@ -360,16 +385,20 @@ def main(argv=None) -> int:
             return 2
         types = wanted
     rows = []
-    for t in types:
-        row = run_one(t, args.timeout)
-        rows.append(row)
-        checks = row.get("checks") or {}
-        errs = " ".join(f"{k}={checks[k]:.1e}" for k in ("log_probs", "processed_log_probs")
-                        if isinstance(checks.get(k), float))
-        why = "; ".join(x for x in (row.get("reason"), row.get("processed_reason") and
-                                    "processed: " + row["processed_reason"]) if x)
-        print(f"{t:32s} {row['status']:15s} {str(row.get('processed') or ''):8s} {row['seconds']:6.1f}s "
-              f"{errs} {why[:150]}", flush=True)
+    # --jobs N: N model types at once, each in its own forked one-thread child (the
+    # parent's threads only wait on their child's pipe)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = pool.map(lambda t: run_one(t, args.timeout), types)
+        for row in done:
+            t = row["model_type"]
+            rows.append(row)
+            checks = row.get("checks") or {}
+            errs = " ".join(f"{k}={checks[k]:.1e}" for k in ("log_probs", "processed_log_probs")
+                            if isinstance(checks.get(k), float))
+            why = "; ".join(x for x in (row.get("reason"), row.get("processed_reason") and
+                                        "processed: " + row["processed_reason"]) if x)
+            print(f"{t:32s} {row['status']:15s} {str(row.get('processed') or ''):8s} {row['seconds']:6.1f}s "
+                  f"{errs} {why[:150]}", flush=True)
     out_dir = Path(args.out)
     if args.merge and (out_dir / "support.json").exists():
         old = {r["model_type"]: r for r in json.loads((out_dir / "support.json").read_text())["rows"]}
