@@ -103,6 +103,26 @@ def test_harvest_stores_dtype_and_stops_at_max_tokens(tmp_path):
     assert rel_err(got["blocks.1.hook_resid_post"].float(), want["blocks.1.hook_resid_post"]) <= 2 ** -8
 
 
+def test_harvest_runs_the_model_once_per_batch(tmp_path):
+    """No separate probe pass for the shapes: shard 0's first batch gives them, and
+    its activations are the ones stored."""
+    model = oracle_model("gpt2")
+    calls = []
+    handle = model.graph_module.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    try:
+        index = fxlens.harvest(model, corpus(), SITES, out_dir=tmp_path, seq_len=16, batch_size=3,
+                               shard_rows=3, max_tokens=16 * 7, progress=False)
+    finally:
+        handle.remove()
+    assert index["rows"] == 7 and len(index["shards"]) == 3
+    assert calls == [(3, 16)] * 3            # 7 rows: 3 batches, the last padded to 3 rows
+    assert index["shapes"]["blocks.1.attn.hook_pattern"] == [4, 16, 16]
+    _, got = load_shards(tmp_path)
+    _, want = model.run_with_cache(got["tokens"], names_filter=SITES)
+    for name in SITES:
+        assert rel_err(got[name], want[name]) <= RTOL, name
+
+
 class Interrupted(Exception):
     pass
 

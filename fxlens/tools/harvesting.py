@@ -31,6 +31,8 @@ index lists them all.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
@@ -276,8 +278,10 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], plan: Plan, rows: 
         raise HarvestError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
+@functools.cache
 def fxlens_version() -> str:
-    """The installed fxlens's version ("unknown" when it is not installed)."""
+    """The installed fxlens's version ("unknown" when it is not installed); looked up
+    once (importlib.metadata scans site-packages: ~10 ms a call)."""
     try:
         return version("fxlens")
     except PackageNotFoundError:
@@ -305,6 +309,25 @@ def _row_shapes(model, sites: list[str], seq_len: int) -> dict[str, list[int]]:
     with torch.no_grad():
         _, store = model._run_eager(probe, sites)
     return {n: list(store[n].shape[1:]) for n in sites}
+
+
+def _first_batch(rows: Iterator[list[int]], batch_size: int, max_rows: int | None, owns_first: bool,
+                 forward, device, probe: Callable[[], dict]):
+    """(rows again, each site's shape for one row, {"acts": the first batch's
+    activations, "seconds": its time} or {} when it was not run). The rank that
+    harvests shard 0 takes the shapes from its first batch and keeps the
+    activations for it: no extra forward pass (an eager probe of one row costs
+    about 1/batch_size of a compiled batch). The other ranks, and an empty corpus,
+    run `probe`."""
+    head = list(itertools.islice(rows, batch_size if max_rows is None else min(batch_size, max_rows)))
+    rows = itertools.chain(head, rows)
+    if not owns_first or not head:
+        return rows, probe(), {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        acts = _forward_batch(torch.tensor(head, dtype=torch.long), batch_size, forward, device)
+    shapes = {n: list(t.shape[1:]) for n, t in acts.items()}
+    return rows, shapes, {"acts": acts, "seconds": time.perf_counter() - start}
 
 
 def _default_shard_rows(shapes: dict, dtype: torch.dtype, batch_size: int) -> int:
@@ -385,9 +408,15 @@ def harvest(model, texts, names, *, out_dir, seq_len: int, batch_size: int, max_
     dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or model.cfg.dtype)
     tokenizer = model._need_tokenizer()
     bos = tokenizer.bos_token_id if model._bos(prepend_bos) else None
+    corpus = Corpus(texts) if isinstance(texts, (str, os.PathLike)) else None
+    docs = corpus if corpus is not None else texts
 
     sites = _resolve_sites(model, names)
-    shapes = _row_shapes(model, sites, seq_len)
+    world = World.current()
+    forward = _forward or _site_forward(model, sites)
+    device = torch.device(model.cfg.device)
+    rows, shapes, first = _first_batch(pack_rows(tokenize(docs, tokenizer), seq_len, bos), batch_size, max_rows,
+                                       world.owns(0), forward, device, lambda: _row_shapes(model, sites, seq_len))
     shard_rows = shard_rows or _default_shard_rows(shapes, dtype, batch_size)
     if shard_rows % batch_size:
         raise HarvestError(f"shard_rows={shard_rows} is not a multiple of batch_size={batch_size}")
@@ -400,18 +429,12 @@ def harvest(model, texts, names, *, out_dir, seq_len: int, batch_size: int, max_
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HarvestError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
-    corpus = Corpus(texts) if isinstance(texts, (str, os.PathLike)) else None
-    docs = corpus if corpus is not None else texts
-    world = World.current()
-    forward = _forward or _site_forward(model, sites)
-    device = torch.device(model.cfg.device)
 
     with process_group(world, device):
         bar = _Progress(progress, world, max_rows, plan, corpus)
         try:
-            mine, total_rows, seconds = _harvest_shards(
-                pack_rows(tokenize(docs, tokenizer), seq_len, bos), plan, out, world, max_rows, forward,
-                device, bar)
+            mine, total_rows, seconds = _harvest_shards(rows, plan, out, world, max_rows, forward, device, bar,
+                                                        first)
         finally:
             bar.close()
         everyone = gather(world, {"rank": world.rank, "shards": mine, "seconds": seconds})
@@ -450,9 +473,10 @@ def _shards(rows: Iterator[list[int]], shard_rows: int, max_rows: int | None):
         yield shard, range(start, start + len(batch)), batch
 
 
-def _harvest_shards(rows, plan: Plan, out: Path, world: World, max_rows, forward, device, bar):
-    """Run and write this rank's shards. Returns (its shard entries, the corpus's
-    row count, seconds spent on shards it harvested)."""
+def _harvest_shards(rows, plan: Plan, out: Path, world: World, max_rows, forward, device, bar, first: dict):
+    """Run and write this rank's shards (`first`: shard 0's first batch when it was
+    already run, taken out when shard 0 comes, so it is not held on). Returns (its
+    shard entries, the corpus's row count, seconds spent on shards it harvested)."""
     mine, total, seconds = [], 0, 0.0
     for shard, span, token_rows in _shards(rows, plan.shard_rows, max_rows):
         total = span.stop
@@ -461,13 +485,15 @@ def _harvest_shards(rows, plan: Plan, out: Path, world: World, max_rows, forward
         tokens = torch.tensor(token_rows, dtype=torch.long)   # [rows, seq_len]
         path = out / shard_name(shard)
         entry = {"file": path.name, "rows": [span.start, span.stop], "rank": world.rank}
+        ready = first.pop("acts", None) if shard == 0 else None
         if not check_done(path, plan, tokens):
+            seconds += first.pop("seconds", 0.0) if ready is not None else 0.0
             start = time.perf_counter()
-            tensors = _run_shard(tokens, plan, forward, device)
+            tensors = _run_shard(tokens, plan, forward, device, ready)
             tensors["row_index"] = torch.arange(span.start, span.stop, dtype=torch.long)
             tensors["tokens"] = tokens
             write_shard(path, tensors, plan, span)
-            del tensors                                  # drop before the next shard
+            del tensors, ready                           # drop before the next shard
             seconds += time.perf_counter() - start
         mine.append(entry)
         bar.update(len(span) * plan.seq_len)
@@ -476,19 +502,26 @@ def _harvest_shards(rows, plan: Plan, out: Path, world: World, max_rows, forward
     return mine, total, seconds
 
 
-def _run_shard(tokens: torch.Tensor, plan: Plan, forward, device) -> dict[str, torch.Tensor]:
-    """{site: [rows, ...]}: the shard's rows in batches of batch_size. A short last
-    batch is padded with copies of its last row (and the copies dropped), so every
-    forward pass has the same shape and a compiled model compiles once."""
+def _forward_batch(batch: torch.Tensor, batch_size: int, forward, device) -> dict[str, torch.Tensor]:
+    """{site: activation} of up to batch_size rows. A short batch is padded with
+    copies of its last row (the caller keeps the first rows), so every forward
+    pass has the same shape and a compiled model compiles once."""
+    k = batch.shape[0]
+    if k < batch_size:
+        batch = torch.cat([batch, batch[-1:].expand(batch_size - k, -1)])
+    return forward(batch.to(device))
+
+
+def _run_shard(tokens: torch.Tensor, plan: Plan, forward, device, first=None) -> dict[str, torch.Tensor]:
+    """{site: [rows, ...]}: the shard's rows in batches of batch_size (`first`: the
+    first batch's activations when they were already computed)."""
     n = tokens.shape[0]
     bufs = {s: torch.empty((n, *plan.shapes[s]), dtype=plan.dtype) for s in plan.sites}
     with torch.no_grad():
         for lo in range(0, n, plan.batch_size):
-            batch = tokens[lo:lo + plan.batch_size]
-            k = batch.shape[0]
-            if k < plan.batch_size:
-                batch = torch.cat([batch, batch[-1:].expand(plan.batch_size - k, -1)])
-            acts = forward(batch.to(device))
+            k = min(plan.batch_size, n - lo)
+            acts = first if lo == 0 and first is not None else \
+                _forward_batch(tokens[lo:lo + k], plan.batch_size, forward, device)
             for s in plan.sites:
                 bufs[s][lo:lo + k].copy_(acts[s][:k])   # device -> CPU and dtype in one copy
             del acts
