@@ -89,22 +89,6 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     return fx.GraphModule(gm, graph, class_name="FxlensVariant"), val_map
 
 
-def _z_nodes(model, val_map: dict) -> tuple[list[fx.Node], list[str]]:
-    """Each block's pattern@V node in the copy (BlockSpec.z, or hook_z's input)."""
-    by_site = {n.meta["fxlens.site"]: n for n in model.graph_module.graph.nodes
-               if n.op == "call_module" and "fxlens.site" in n.meta}
-    nodes, labels = [], []
-    for b in model.spec.blocks:
-        z = b.z if b.z in val_map else None
-        hook = by_site.get(f"blocks.{b.layer}.attn.hook_z")
-        if z is None and hook is not None:
-            z = hook.args[0]
-        if z is not None and z in val_map:
-            nodes.append(val_map[z])
-            labels.append(f"blocks.{b.layer}")
-    return nodes, labels
-
-
 def _mark_boundaries(model, val_map: dict) -> int:
     """meta["fxlens.boundary"] on the copy's residual value entering each block
     (and leaving the last one): segments end there, so blocks compile alike."""
@@ -130,14 +114,11 @@ def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented:
     `Segment`s at block boundaries and hooked sites (`passes/segment.py`).
     Returns (gm, pass results)."""
     gm, val_map = copy_graph_module(model.graph_module)
-    z_nodes, labels = _z_nodes(model, val_map)
     if segmented:
         _mark_boundaries(model, val_map)
     results = [specialise(gm, list(cached), set(hooked))]
     if fuse_attention:
-        live = set(gm.graph.nodes)
-        pairs = [(z, lab) for z, lab in zip(z_nodes, labels) if z in live]
-        results.append(fuse(gm, [z for z, _ in pairs], [lab for _, lab in pairs]))
+        results.append(fuse(gm))
     if segmented:
         gm, result = segment(gm)
         results.append(result)
