@@ -37,8 +37,8 @@ Phase "data parallel": the same 1-site harvest run by `torchrun
 thread, 1 process with 2 threads, 2 processes with 1 thread each, launched in
 that rotation for --dp-rounds. Each worker loads, compiles and warms up once,
 then times --reps harvests between barriers (harvest ends with an all-gather),
-one shard per batch so ranks alternate batches. A shared inductor cache makes
-launches after the first reuse its kernels. Benchmarks are not tests.
+one shard per batch so ranks alternate batches. The launches share the run's
+inductor cache, so those after the first reuse its kernels. Benchmarks are not tests.
 """
 
 from __future__ import annotations
@@ -221,8 +221,7 @@ def data_parallel(which, corpus: Path, sites, batch, seq, n_batches, work: Path,
     """Seconds per harvest for each (processes, threads per process), medians over
     every launch's reps; the launches rotate through the settings `rounds` times."""
     settings = [(1, 1), (1, 2), (2, 1)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(work / "inductor")}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}   # the launches share this run's inductor cache
     runs: dict[str, list[float]] = {f"{p} proc x {t} thread": [] for p, t in settings}
     per_rank: dict[str, list] = {k: [] for k in runs}
     for r in range(rounds):
