@@ -2,12 +2,14 @@
 resume after an interruption, and two gloo ranks under torchrun equal one process."""
 
 import contextlib
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 import fxlens
 from conftest import DATA, RTOL, oracle_model, rel_err
 from fxlens.tools.cli import main
-from fxlens.tools.harvesting import load_shards, pack_rows
+from fxlens.tools.harvesting import load_shards, pack_rows, prefetch
 
 GPT2 = str(DATA / "models" / "gpt2")
 SITES = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_pattern"]
@@ -59,6 +61,23 @@ def test_rows_follow_saelens_concat_and_batch():
     assert list(pack_rows([[5, 6, 7], [8, 9, 10]], 4, B)) == [[B, 5, 6, 7], [B, 8, 9, 10]]
     # no BOS: plain concatenation
     assert list(pack_rows([[5, 6, 7], [8, 9, 10, 11, 12]], 3, None)) == [[5, 6, 7], [8, 9, 10]]
+
+
+def test_rows_read_ahead_keep_their_order_errors_and_stop():
+    assert list(prefetch(iter(range(200)), 3)) == list(range(200))
+
+    def bad_second_line():
+        yield [1, 2]
+        raise fxlens.HarvestError("corpus.jsonl:2: not a JSON object")
+
+    rows = prefetch(bad_second_line(), 2)
+    assert next(rows) == [1, 2]
+    with pytest.raises(fxlens.HarvestError, match="corpus.jsonl:2"):   # the reader's error, here
+        next(rows)
+    endless = prefetch(itertools.count(), 2)
+    assert next(endless) == 0
+    endless.close()                             # a harvest that stops at max_tokens
+    assert not [t for t in threading.enumerate() if t.name == "fxlens-harvest-rows"]
 
 
 # --- one process -------------------------------------------------------------------------

@@ -7,7 +7,9 @@ The corpus is read one document at a time (plain text: one document a line;
 JSON lines: each object's "text"), tokenized, and packed into rows of
 `seq_len` tokens by SAELens's `ActivationsStore` convention: every row starts
 with BOS, documents are separated by BOS, a document runs on into the next row,
-the last incomplete row is dropped (`pack_rows`).
+the last incomplete row is dropped (`pack_rows`). A background thread reads,
+tokenizes and packs a few batches ahead of the model (`prefetch`), so
+tokenization overlaps the forward passes.
 
 Rows are numbered 0, 1, ... and grouped into shards of `shard_rows` rows (a
 whole number of batches). Shard s holds rows [s*shard_rows, (s+1)*shard_rows)
@@ -36,7 +38,9 @@ import itertools
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +59,8 @@ FORMAT = "fxlens harvest"
 SHARD_BYTES = 256 * 2**20
 # documents tokenized per call: the fast tokenizer batches them (in Rust)
 TOKENIZE_CHUNK = 256
+# rows read, tokenized and packed ahead of the model by a background thread (at least)
+PREFETCH_ROWS = 64
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -147,6 +153,47 @@ def pack_rows(docs: Iterable[list[int]], seq_len: int, bos: int | None) -> Itera
             if len(row) == seq_len:
                 yield row
                 row = []
+
+
+def prefetch(items: Iterable, depth: int) -> Iterator:
+    """`items` in order, produced by a background thread up to `depth` ahead, so
+    the corpus is read, tokenized (the fast tokenizer releases the GIL) and packed
+    while the model runs. An exception in the producer is raised here; closing
+    this iterator (or dropping it) stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="fxlens-harvest-rows", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 # --- the world (torchrun) ---------------------------------------------------------------
@@ -415,35 +462,37 @@ def harvest(model, texts, names, *, out_dir, seq_len: int, batch_size: int, max_
     world = World.current()
     forward = _forward or _site_forward(model, sites)
     device = torch.device(model.cfg.device)
-    rows, shapes, first = _first_batch(pack_rows(tokenize(docs, tokenizer), seq_len, bos), batch_size, max_rows,
-                                       world.owns(0), forward, device, lambda: _row_shapes(model, sites, seq_len))
-    shard_rows = shard_rows or _default_shard_rows(shapes, dtype, batch_size)
-    if shard_rows % batch_size:
-        raise HarvestError(f"shard_rows={shard_rows} is not a multiple of batch_size={batch_size}")
-    plan = Plan(model=str(model_name or model.cfg.model_name), sites=sites, shapes=shapes, dtype=dtype,
-                seq_len=seq_len, batch_size=batch_size, shard_rows=shard_rows, bos_token_id=bos,
-                processing=_processing(model))
+    packed = prefetch(pack_rows(tokenize(docs, tokenizer), seq_len, bos), max(PREFETCH_ROWS, 2 * batch_size))
+    with contextlib.closing(packed):                  # stops the reading thread, however this ends
+        rows, shapes, first = _first_batch(packed, batch_size, max_rows, world.owns(0), forward, device,
+                                           lambda: _row_shapes(model, sites, seq_len))
+        shard_rows = shard_rows or _default_shard_rows(shapes, dtype, batch_size)
+        if shard_rows % batch_size:
+            raise HarvestError(f"shard_rows={shard_rows} is not a multiple of batch_size={batch_size}")
+        plan = Plan(model=str(model_name or model.cfg.model_name), sites=sites, shapes=shapes, dtype=dtype,
+                    seq_len=seq_len, batch_size=batch_size, shard_rows=shard_rows, bos_token_id=bos,
+                    processing=_processing(model))
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HarvestError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
-
-    with process_group(world, device):
-        bar = _Progress(progress, world, max_rows, plan, corpus)
+        out = Path(out_dir)
         try:
-            mine, total_rows, seconds = _harvest_shards(rows, plan, out, world, max_rows, forward, device, bar,
-                                                        first)
-        finally:
-            bar.close()
-        everyone = gather(world, {"rank": world.rank, "shards": mine, "seconds": seconds})
-        index = _index(plan, everyone, total_rows, world, texts if corpus is not None else None, max_tokens)
-        if world.rank == 0:
-            tmp = out / (INDEX + ".tmp")
-            tmp.write_text(json.dumps(index, indent=1) + "\n")
-            os.replace(tmp, out / INDEX)
-    return index
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarvestError(f"cannot create {str(out)!r}: {exc.strerror or exc}") from exc
+
+        with process_group(world, device):
+            bar = _Progress(progress, world, max_rows, plan, corpus)
+            try:
+                mine, total_rows, seconds = _harvest_shards(rows, plan, out, world, max_rows, forward, device, bar,
+                                                            first)
+            finally:
+                bar.close()
+            everyone = gather(world, {"rank": world.rank, "shards": mine, "seconds": seconds})
+            index = _index(plan, everyone, total_rows, world, texts if corpus is not None else None, max_tokens)
+            if world.rank == 0:
+                tmp = out / (INDEX + ".tmp")
+                tmp.write_text(json.dumps(index, indent=1) + "\n")
+                os.replace(tmp, out / INDEX)
+        return index
 
 
 def _site_forward(model, sites: list[str]) -> Callable:
