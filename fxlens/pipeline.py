@@ -5,12 +5,19 @@
                 (each only when its flag is on; TransformerLens's order)
     BACK        insert_hooks
     ENCODER     expose_norms, discover_sites (the encoder's), insert_hooks
+    VARIANT     mark_boundaries, specialise, fuse_attention, segment
+                (a compiled variant, on a copy of the instrumented graph:
+                fxlens/runtime/compiled.py; `variant_pipeline` leaves out
+                fuse_attention when it is off, and the boundaries and segments
+                when hooks do not run between compiled segments)
 
 `reprocess` runs PROCESSING passes on an already instrumented graph
 (HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
 
-After each pass the loop lints the graph and calls `on_pass(name, gm, result)`
-(where per-pass dumps come from).
+After each pass the loop lints the graph, records its PassResult and calls
+`on_pass(name, gm, result)` (where per-pass dumps come from). A pass returns
+its PassResult, or (new GraphModule, PassResult) when it builds a new module
+(segment).
 """
 
 from __future__ import annotations
@@ -28,14 +35,23 @@ from fxlens.passes import (center_unembed, center_writing_weights, expose_norms,
                            split_shared_norms)
 from fxlens.ir.pass_result import PassResult
 from fxlens.discovery.columns import column_maps
+from fxlens.passes.fuse_attention import fuse_attention
+from fxlens.passes.segment import mark_boundaries, segment
+from fxlens.passes.specialise import specialise
+
+# what a pass that fails unexpectedly advises, by pipeline
+PROCESSING_ADVICE = "turn the processing flag off (or use from_pretrained_no_processing) and please report the model"
+VARIANT_ADVICE = "compile with fuse_attention=False (or run the model uncompiled) and please report the model"
 
 
 @dataclass
 class Context:
-    embed_path: str | None
-    unembed_path: str | None
+    embed_path: str | None = None
+    unembed_path: str | None = None
     flags: dict = field(default_factory=dict)
     spec: ModelSpec | None = None
+    cached: tuple = ()              # VARIANT: the sites cached (extra outputs, in this order)
+    hooked: frozenset = frozenset()  # VARIANT: the sites whose HookPoints stay
     log: ProcessingLog = field(default_factory=ProcessingLog)
     results: list = field(default_factory=list)
     fold_ln_center: bool = True     # fold_ln centres LayerNorm readers (TransformerLens's center_weights)
@@ -74,11 +90,34 @@ ENCODER = (
 ) + BACK
 
 
+# compiled variants (fxlens/runtime/compiled.py): the copy's residual boundaries are
+# marked while its HookPoints are there to find them, specialise keeps only the
+# observed sites, the unobserved attentions fuse, and the graph is cut into segments
+VARIANT = (
+    ("mark_boundaries", lambda gm, ctx: mark_boundaries(gm, [b.layer for b in ctx.spec.blocks])),
+    ("specialise", lambda gm, ctx: specialise(gm, list(ctx.cached), set(ctx.hooked))),
+    ("fuse_attention", lambda gm, ctx: fuse_attention(gm)),
+    ("segment", lambda gm, ctx: segment(gm)),
+)
+
+
 def build_pipeline(flags: dict) -> tuple:
     return FRONT + tuple(p for p in PROCESSING if flags.get(p[0])) + BACK
 
 
-def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None) -> fx.GraphModule:
+def variant_pipeline(fuse: bool, segmented: bool) -> tuple:
+    """VARIANT without fuse_attention unless `fuse`, and without the boundaries and
+    the cut unless `segmented` (hooks run in Python between compiled segments)."""
+    off = set() if segmented else {"mark_boundaries", "segment"}
+    if not fuse:
+        off.add("fuse_attention")
+    return tuple(p for p in VARIANT if p[0] not in off)
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None,
+                 advice: str = PROCESSING_ADVICE) -> fx.GraphModule:
+    """Run `pipeline` (default: the build pipeline for `ctx.flags`) on `gm`; returns the
+    GraphModule the last pass left (the same one unless a pass built a new one)."""
     for name, fn in pipeline or build_pipeline(ctx.flags):
         try:
             result = fn(gm, ctx)
@@ -86,8 +125,9 @@ def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None) 
             raise
         except Exception as exc:   # an unexpected failure inside a pass: say which pass
             raise PassError(name, f"failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                            f"turn the processing flag off (or use from_pretrained_no_processing) "
-                            f"and please report the model") from exc
+                            f"{advice}") from exc
+        if isinstance(result, tuple):     # a pass that builds a new GraphModule (segment)
+            gm, result = result
         gm.graph.lint()
         ctx.results.append(result)
         if name in ctx.flags:

@@ -5,7 +5,9 @@ Matches  the cut points of a specialised variant (after `specialise`):
                 in the eager model, so whatever function is hooked there (a new
                 partial, a lambda in a loop, an `.item()`) changes no compiled code
   boundary      a node with `meta["fxlens.boundary"]` (each block's resid_pre
-                value and the last block's resid_post): a segment ends after it
+                value and the last block's resid_post): a segment ends after it.
+                `mark_boundaries` sets it, before specialise removes the
+                HookPoints it finds those values by
 Rewrites the graph  ids -> n1 -> ... -> hook(x) -> ... -> out  into a top-level
   graph of segment calls:
       ids -> segment_0(ids, weights...) -> hook(x) -> segment_1(x, weights...) -> out
@@ -171,3 +173,25 @@ def segment(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
     hooks = sum(1 for n in graph.nodes if _is_hook(n))
     return out, PassResult(NAME, matched=len(groups),
                            details={"segments": len(groups), "distinct": len(shared), "hooks": hooks})
+
+
+def mark_boundaries(gm: fx.GraphModule, layers) -> PassResult:
+    """meta[BOUNDARY] on the residual value entering each of the blocks `layers`
+    (and leaving the last one), read through their hook_resid_pre / hook_resid_post
+    HookPoints: segments end there, so blocks compile alike. Run before specialise
+    (which removes the unobserved HookPoints)."""
+    layers = list(layers)
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    if layers:
+        names.append(f"blocks.{layers[-1]}.hook_resid_post")
+    by_site = {n.meta["fxlens.site"]: n for n in gm.graph.nodes
+               if n.op == "call_module" and "fxlens.site" in n.meta}
+    marked = 0
+    for name in names:
+        node = by_site.get(name)
+        while node is not None and node.op == "call_module" and "fxlens.site" in node.meta:
+            node = node.args[0]       # chained hooks (resid_post L-1, resid_pre L) on one value
+        if isinstance(node, fx.Node) and node.op != "placeholder":
+            node.meta[BOUNDARY] = True
+            marked += 1
+    return PassResult("mark_boundaries", matched=marked, details={"blocks": len(layers)})

@@ -2,12 +2,16 @@
 use, compiled with `torch.compile` -- compiled once per hooked-site set, never
 per hook function.
 
-A variant is built from a copy of the model's graph for one request:
+A variant is built from a copy of the model's graph for one request, by the
+VARIANT pipeline (fxlens/pipeline.py):
+  mark_boundaries  (segmented variants) each block's residual input marked
+                   where segments will be cut
   specialise       unobserved HookPoints removed, cached sites become extra
                    graph outputs (in TransformerLens layout), hooked sites keep
                    their HookPoint
   fuse_attention   every attention nobody observes becomes one
                    scaled_dot_product_attention node
+  segment          (segmented variants) the graph cut into compiled segments
 Variants are kept by key (graph version, frozenset(cached names), hooked
 names), so switching between hook sets never rebuilds one, and a
 `run_with_cache` filter is resolved to names first: a new predicate selecting
@@ -62,9 +66,8 @@ import torch.fx as fx
 
 from fxlens.frontend.decoder import has_mask_input
 from fxlens.discovery.names import canonical_order
-from fxlens.passes.fuse_attention import fuse_attention as fuse
-from fxlens.passes.segment import BOUNDARY, Segment, segment
-from fxlens.passes.specialise import specialise
+from fxlens.passes.segment import Segment
+from fxlens.pipeline import VARIANT_ADVICE, Context, run_pipeline, variant_pipeline
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
 # (inductor reorders reductions and fuses the softmax; sdpa normalises
@@ -89,40 +92,15 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     return fx.GraphModule(gm, graph, class_name="FxlensVariant"), val_map
 
 
-def _mark_boundaries(model, val_map: dict) -> int:
-    """meta["fxlens.boundary"] on the copy's residual value entering each block
-    (and leaving the last one): segments end there, so blocks compile alike."""
-    names = [f"blocks.{b.layer}.hook_resid_pre" for b in model.spec.blocks]
-    if model.spec.blocks:
-        names.append(f"blocks.{model.spec.blocks[-1].layer}.hook_resid_post")
-    by_site = {n.meta["fxlens.site"]: n for n in model.graph_module.graph.nodes
-               if n.op == "call_module" and "fxlens.site" in n.meta}
-    marked = 0
-    for name in names:
-        node = by_site.get(name)
-        while node is not None and node.op == "call_module" and "fxlens.site" in node.meta:
-            node = node.args[0]       # chained hooks (resid_post L-1, resid_pre L) on one value
-        if isinstance(node, fx.Node) and node in val_map and node.op != "placeholder":
-            val_map[node].meta[BOUNDARY] = True
-            marked += 1
-    return marked
-
-
 def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented: bool = False):
     """The specialised GraphModule for one request (not compiled: callers may
-    run it eagerly, as tests do). With `segmented`, the graph is cut into
-    `Segment`s at block boundaries and hooked sites (`passes/segment.py`).
-    Returns (gm, pass results)."""
-    gm, val_map = copy_graph_module(model.graph_module)
-    if segmented:
-        _mark_boundaries(model, val_map)
-    results = [specialise(gm, list(cached), set(hooked))]
-    if fuse_attention:
-        results.append(fuse(gm))
-    if segmented:
-        gm, result = segment(gm)
-        results.append(result)
-    return gm, results
+    run it eagerly, as tests do): pipeline.VARIANT on a copy of the model's
+    graph. With `segmented`, the graph is cut into `Segment`s at block
+    boundaries and hooked sites (`passes/segment.py`). Returns (gm, pass results)."""
+    gm, _ = copy_graph_module(model.graph_module)
+    ctx = Context(spec=model.spec, cached=tuple(cached), hooked=frozenset(hooked))
+    gm = run_pipeline(gm, ctx, variant_pipeline(fuse_attention, segmented), advice=VARIANT_ADVICE)
+    return gm, ctx.results
 
 
 HOOK_MODES = ("python", "traced")
