@@ -93,3 +93,18 @@ class SAEError(FxlensError, ValueError):
 class PipelineError(FxlensError):
     """The instrumented graph cannot be cut into pipeline stages, or the process
     world does not match the stages asked for."""
+
+
+class StaleHandleError(FxlensError, LookupError):
+    """A spec handle (a name the site discovery recorded in `node.meta["fxlens.handles"]`)
+    names no node, or several, in the graph it is looked up in: a pass replaced the
+    node without moving its handle."""
+
+    def __init__(self, handle: str, found: str):
+        super().__init__(
+            f"spec handle {handle!r}: found {found} in this graph, expected exactly one node. "
+            f"A pass replaced the node it named without moving the handle: that pass should call "
+            f"fxlens.ir.graph.move_handles(old, new); meanwhile rebuild the model with from_pretrained "
+            f"(discovery records the handles afresh)")
+        self.handle = handle
+        self.found = found

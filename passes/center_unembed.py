@@ -12,7 +12,7 @@ Invariant W_U has mean ~0 over the vocabulary.
 from __future__ import annotations
 
 from fxlens.errors import PassError
-from fxlens.ir.graph import is_layout
+from fxlens.ir.graph import is_layout, site_node
 from fxlens.ir.params import Linear
 from fxlens.ir.pass_result import PassResult
 
@@ -32,7 +32,7 @@ def _reaches_output_through_layout(node) -> bool:
 
 
 def center_unembed(gm, spec, log) -> PassResult:
-    node = spec.unembed
+    node = site_node(gm, spec.unembed)
     if not _reaches_output_through_layout(node):
         reason = "the logits pass a non-linear op (soft-capping?) after the unembedding"
         log.skipped.append(f"{NAME}: {reason}")

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.ir.graph import is_layout, is_scalar_scale, module_paths
+from fxlens.ir.graph import is_layout, is_scalar_scale, module_paths, site_node
 from fxlens.ir.params import Linear, get_tensor, set_param
 from fxlens.ir.pass_result import PassResult
 
@@ -37,13 +37,13 @@ def _center_embedding(gm, node, log) -> None:
 _ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor}
 
 
-def _mean_breaking_op(spec, node: fx.Node) -> fx.Node | None:
+def _mean_breaking_op(gm, spec, node: fx.Node) -> fx.Node | None:
     """The first op between `node` (an embedding) and the residual stream's readers
     that does not commute with subtracting the mean over d_model (a linear mixing
     the embedding, a concatenation), or None. The walk stops at norms and at the
     stream entering block 0, from where each block's writers are checked."""
     norms = set(spec.norm_kinds)
-    stop = {spec.blocks[0].resid_pre} if spec.blocks else set()
+    stop = {site_node(gm, spec.blocks[0].resid_pre)} if spec.blocks else set()
     todo, seen = list(node.users), set()
     while todo:
         n = todo.pop()
@@ -58,8 +58,8 @@ def _mean_breaking_op(spec, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _center_linear(gm, node, log) -> None:
-    Linear(node).center_outputs(gm, NAME, log)          # W_O / W_out stored [d_model, in]
+def _center_linear(gm, handle: str, log) -> None:
+    Linear(site_node(gm, handle)).center_outputs(gm, NAME, log)   # W_O / W_out stored [d_model, in]
 
 
 def center_writing_weights(gm, spec, log) -> PassResult:
@@ -69,10 +69,11 @@ def center_writing_weights(gm, spec, log) -> PassResult:
         log.skipped.append(f"{NAME}: {reason}")
         return PassResult(NAME, matched=0, skipped=(reason,))
     skipped, n = [], 0
-    for node in (spec.embed, spec.pos_embed):
-        if node is None:
+    for handle in (spec.embed, spec.pos_embed):
+        if handle is None:
             continue
-        op = _mean_breaking_op(spec, node)
+        node = site_node(gm, handle)
+        op = _mean_breaking_op(gm, spec, node)
         if op is not None:
             skipped.append(f"{node.name}: the embedding reaches the residual stream through {op.name} "
                            f"({op.target}), which does not commute with removing its mean; left as it is")
@@ -92,8 +93,9 @@ def center_writing_weights(gm, spec, log) -> PassResult:
             skipped.append(f"block {b.layer}: MLP output is not one linear (MoE) or passes a post-norm")
     # invariant: the rewritten output projections write mean-zero vectors
     for b in spec.blocks:
-        if b.ln1_post is None and not Linear(b.o_proj).outputs_centred(gm):
-            raise PassError(NAME, f"{b.o_proj.name}: W_O still has a mean component")
+        o_proj = site_node(gm, b.o_proj)
+        if b.ln1_post is None and not Linear(o_proj).outputs_centred(gm):
+            raise PassError(NAME, f"{o_proj.name}: W_O still has a mean component")
     log.skipped.extend(f"{NAME}: {s}" for s in skipped)
     gm.recompile()
     return PassResult(NAME, matched=n, skipped=tuple(skipped))

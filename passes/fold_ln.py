@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import PassError
-from fxlens.ir.graph import is_layout, linear_of, linear_parts, module_paths, output_node
+from fxlens.ir.graph import is_layout, linear_of, linear_parts, module_paths, move_handles, output_node
 from fxlens.ir.params import Linear, get_tensor
 from fxlens.ir.trace import CASTS
 from fxlens.ir.pass_result import PassResult
@@ -182,7 +182,9 @@ def fold_ln(gm: fx.GraphModule, spec, log, center: bool = True) -> PassResult:
                 if not lin.set_bias(gm, new_b.to(dtype), NAME, log):
                     raise PassError(NAME, f"{node.name} reads {path} and has no bias to take its "
                                           f"bias; pass fold_ln=False")
-        out.replace_all_uses_with(_in_dtype_of(graph, normalized, out, tail))
+        folded_out = _in_dtype_of(graph, normalized, out, tail)
+        out.replace_all_uses_with(folded_out)
+        move_handles(out, folded_out)      # the spec's "value the MLP reads" (a shared norm's output)
         for n in reversed(tail):
             if not n.users:
                 graph.erase_node(n)

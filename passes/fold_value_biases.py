@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fxlens.errors import PassError
-from fxlens.ir.graph import SOFTMAX_OPS, is_layout, same_size, shape, walk_back
+from fxlens.ir.graph import SOFTMAX_OPS, is_layout, same_size, shape, site_node, walk_back
 from fxlens.ir.params import Linear
 from fxlens.ir.pass_result import PassResult
 from fxlens.discovery.columns import w_o
@@ -45,32 +45,32 @@ def _pattern_not_stochastic(z) -> str | None:
 def fold_value_biases(gm, spec, log, maps) -> PassResult:
     n, skipped = 0, []
     for b, m in zip(spec.blocks, maps):
-        why = _pattern_not_stochastic(b.z)
+        v_proj = Linear(site_node(gm, b.qkv["v"][1]))
+        why = _pattern_not_stochastic(site_node(gm, b.z))
         if why is not None:
-            if Linear(b.qkv["v"][1]).bias(gm) is not None:
+            if v_proj.bias(gm) is not None:
                 skipped.append(f"block {b.layer}: {why}; the value bias is left as it is")
             continue
         if m.v is None or m.o is None:
             # v or z reaches its projection through a value-computing op (a norm, a gate):
             # b_V @ W_O is then not the same at every position, so nothing folds
-            v_proj = b.qkv["v"][1]
-            if Linear(v_proj).bias(gm) is not None:
+            if v_proj.bias(gm) is not None:
                 why = "; ".join(f"{r} through {m.unmapped[r]}" for r in ("v", "o") if r in m.unmapped)
                 skipped.append(f"block {b.layer}: the value bias is not constant at the output "
                                f"({why}); left as it is")
             continue
-        v_lin, v_cols = m.v
+        v_lin, v_cols = m.get("v", f"{NAME}: block {b.layer}")
         bias = v_lin.bias(gm)
         if bias is None or not bool(bias[v_cols].any()):
             continue
         b_v = bias[v_cols]                                       # [kv_head, d_head]
         b_v = b_v.repeat_interleave(b.n_heads // b_v.shape[0], dim=0)  # [head, d_head]
-        o_lin, o_cols = m.o
+        o_lin, o_cols = m.get("o", f"{NAME}: block {b.layer}")
         delta = torch.einsum("hd,hdm->m", b_v.double(), w_o(gm, o_lin, o_cols).double())
         b_o = o_lin.bias(gm)
         new_o = (b_o.double() if b_o is not None else 0.0) + delta
         if not o_lin.set_bias(gm, new_o.to(bias.dtype), NAME, log):
-            raise PassError(NAME, f"{b.o_proj.name} cannot take a bias; pass fold_value_biases=False")
+            raise PassError(NAME, f"{o_lin.node.name} cannot take a bias; pass fold_value_biases=False")
         new_bias = bias.clone()
         new_bias[v_cols] = 0.0
         v_lin.set_bias(gm, new_bias, NAME, log)

@@ -30,7 +30,8 @@ import torch.fx as fx
 
 from fxlens.discovery.decoder import residual_layout
 from fxlens.errors import FxlensError
-from fxlens.ir.graph import is_layout, linear_parts, module_paths, output_node, shape, walk_back
+from fxlens.ir.graph import (PER_HEAD_EINSUM, is_layout, linear_parts, module_paths, move_handles, output_node,
+                             shape, site_node, site_nodes, walk_back)
 from fxlens.ir.hook_points import Layout
 from fxlens.discovery.names import split_name
 from fxlens.ir.pass_result import PassResult
@@ -60,7 +61,7 @@ def _per_head_w_o(graph: fx.Graph, o_proj: fx.Node, heads: int, d_head: int) -> 
 def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
     b = spec.blocks[layer]
     graph = gm.graph
-    o = b.o_proj
+    o = site_node(gm, b.o_proj)
     x, bias = linear_parts(o).x, linear_parts(o).b
     # the [batch, pos, head*d_head] value feeding the projection (before addmm's 2-D view)
     z_flat = next((n for n in walk_back(x, is_layout) if shape(n) and len(shape(n)) == 3), None)
@@ -74,7 +75,7 @@ def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
         z = graph.call_function(aten.unflatten.int, (z_flat, -1, [b.n_heads, b.d_head]))
         w_o = _per_head_w_o(graph, o, b.n_heads, b.d_head)
         # result[b, s, h, m] = sum_d z[b, s, h, d] W_O[h, d, m]
-        result = graph.call_function(aten.einsum.default, ("bshd,hdm->bshm", [z, w_o]))
+        result = graph.call_function(aten.einsum.default, (PER_HEAD_EINSUM, [z, w_o]))
         summed = graph.call_function(aten.sum.dim_IntList, (result, [2]))
         new_out = summed
         if bias is not None:
@@ -83,6 +84,8 @@ def _result(gm: fx.GraphModule, spec, layer: int, name: str) -> fx.Node:
         n.meta["nn_module_stack"] = dict(o.meta.get("nn_module_stack", {}))
         n.meta["fxlens.created_by"] = NAME
     out.replace_all_uses_with(new_out)
+    # new_out is the output projection now (a per-head linear: fxlens.ir.graph.linear_parts)
+    move_handles(o, new_out)
     graph.eliminate_dead_code()
     return result
 
@@ -228,8 +231,8 @@ def materialise_opt_in(gm: fx.GraphModule, spec, name: str, maps=None) -> PassRe
             src = feed[0]
             users = [u for u in src.users if u in inner]
         else:
-            src = b.mlp_in_node
-            users = [u for u in src.users if u in b.mlp_nodes]
+            src = site_node(gm, b.mlp_in)
+            users = site_nodes(gm, b.mlp_in_readers) if b.mlp_in_readers else []
         _annotate(src, name, residual_layout(gm.graph, src), users)
     elif short in ("hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in"):
         if maps is None:

@@ -80,6 +80,6 @@ def refactor_factored_attn_matrices(gm, spec, log, maps) -> PassResult:
         w[:, o_cols] = vh[..., :r, :].permute(2, 0, 1).to(w.dtype)
         o_lin.set_weight(gm, w, NAME, log)
         if not o_lin.set_bias(gm, b_o.to(w.dtype), NAME, log):
-            raise PassError(NAME, f"{b.o_proj.name} cannot take a bias")
+            raise PassError(NAME, f"{o_lin.node.name} cannot take a bias")
     gm.recompile()
     return PassResult(NAME, matched=len(spec.blocks))

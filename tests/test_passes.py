@@ -5,6 +5,7 @@ import types
 import torch
 from torch import nn
 
+from fxlens.ir.graph import add_handle
 from fxlens.ir.params import ProcessingLog
 from fxlens.passes import center_unembed, expose_norms, fold_ln
 
@@ -68,8 +69,9 @@ def test_center_unembed_on_a_tiny_graph():
     model, gm, x = _export()
     unembed = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
                    and n.args[1].target == "b.weight")
+    add_handle(unembed, "unembed")      # the spec names nodes by handle
     log = ProcessingLog()
-    assert center_unembed(gm, types.SimpleNamespace(unembed=unembed), log).matched == 1
+    assert center_unembed(gm, types.SimpleNamespace(unembed="unembed"), log).matched == 1
     got, want = gm(x), model(x)
     assert torch.allclose(got.log_softmax(-1), want.log_softmax(-1), atol=ATOL)   # log-probs kept
     assert torch.allclose(got.mean(-1), torch.zeros(3), atol=ATOL)                 # logits centred

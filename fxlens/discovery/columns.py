@@ -8,12 +8,13 @@ views (fxlens/interp/weights.py) read it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from fxlens.errors import UnmappableModelError
-from fxlens.ir.graph import linear_parts
+from fxlens.ir.graph import site_node
 from fxlens.ir.params import Linear
 from fxlens.ir.trace import NotIndex, trace_indices
 
@@ -21,21 +22,27 @@ from fxlens.ir.trace import NotIndex, trace_indices
 @dataclass
 class BlockMaps:
     """Per block: projection -> index tensor of its stored output columns (or, for
-    o/out, input columns) in TransformerLens order."""
+    o/out, input columns) in TransformerLens order. Each entry names its projection
+    by spec handle, looked up in `gm` when read (`get`), so the maps stay right
+    while passes rewrite the graph around the projections (attn.hook_result turns
+    o_proj into a per-head sum); the columns depend only on the parameters'
+    layouts, which no pass changes."""
 
-    q: tuple | None = None     # (Linear, cols [head, d_head])
+    gm: object = None
+    q: tuple | None = None     # (projection handle, cols [head, d_head])
     k: tuple | None = None
     v: tuple | None = None
-    o: tuple | None = None     # (Linear, input cols [head, d_head])
-    pre: tuple | None = None   # (Linear, cols [d_mlp])  -- W_gate for gated MLPs, else W_in
-    pre_linear: tuple | None = None  # (Linear, cols [d_mlp]) -- W_in of gated MLPs
-    out: tuple | None = None   # (Linear, input cols [d_mlp])
+    o: tuple | None = None     # (handle, input cols [head, d_head])
+    pre: tuple | None = None   # (handle, cols [d_mlp])  -- W_gate for gated MLPs, else W_in
+    pre_linear: tuple | None = None  # (handle, cols [d_mlp]) -- W_in of gated MLPs
+    out: tuple | None = None   # (handle, input cols [d_mlp])
     # role -> why it has no map: the op between the projection and its site that
     # computes with the values (index tracing's NotIndex), so no column map exists
     unmapped: dict = field(default_factory=dict)
 
-    def get(self, role: str, what: str) -> tuple:
-        """(Linear, cols) of `role`, or an UnmappableModelError naming the op in the way."""
+    def get(self, role: str, what: str) -> tuple | None:
+        """(Linear, cols) of `role` (None where the block has no such projection), or
+        an UnmappableModelError naming the op in the way."""
         entry = getattr(self, role)
         if entry is None and role in self.unmapped:
             raise UnmappableModelError(
@@ -43,31 +50,33 @@ class BlockMaps:
                 f"computes with the values (not only moves them), so there are no "
                 f"TransformerLens-shaped weights for it. Read the activations at the sites instead "
                 f"(run_with_cache), or edit them with hooks")
-        return entry
+        if entry is None:
+            return None
+        handle, cols = entry
+        return Linear(site_node(self.gm, handle)), cols
 
 
 def column_maps(gm, spec) -> list[BlockMaps]:
-    sources, sinks, todo = set(), set(), []
+    node = functools.partial(site_node, gm)
+    sources, sinks = set(), set()
     for b in spec.blocks:
         for role in "qkv":
             site, proj = b.qkv[role]
-            sources.add(proj)
-            sinks.add(site)
-        o_in = linear_parts(b.o_proj)[0]
-        sources.add(b.z)
-        sinks.add(o_in)
+            sources.add(node(proj))
+            sinks.add(node(site))
+        sources.add(node(b.z))
+        sinks.add(Linear(node(b.o_proj)).parts.x)
         for role, (site, proj) in b.mlp_proj.items():
-            sources.add(proj)
-            sinks.add(site)
+            sources.add(node(proj))
+            sinks.add(node(site))
         if b.writer is not None:
-            sources.add(b.post)
-            sinks.add(linear_parts(b.writer)[0])
+            sources.add(node(b.post))
+            sinks.add(Linear(node(b.writer)).parts.x)
     seen = trace_indices(gm, sources, sinks)
-    layouts = {name: (node, lay) for node in gm.graph.nodes
-               for name, lay, _ in node.meta.get("fxlens.sites", [])}
+    layouts = {name: lay for n in gm.graph.nodes for name, lay, _ in n.meta.get("fxlens.sites", [])}
     out = []
     for b in spec.blocks:
-        m = BlockMaps()
+        m = BlockMaps(gm)
 
         def mapped(role, value, make):
             if isinstance(value, NotIndex):
@@ -77,16 +86,16 @@ def column_maps(gm, spec) -> list[BlockMaps]:
 
         for role in "qkv":
             site, proj = b.qkv[role]
-            _, lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
+            lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
             # [head, d_head]
-            mapped(role, seen[site], lambda v: (Linear(proj), lay.to_tl(v, batch=1).reshape(-1, b.d_head)))
+            mapped(role, seen[node(site)], lambda v: (proj, lay.to_tl(v, batch=1).reshape(-1, b.d_head)))
         # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
-        mapped("o", seen[linear_parts(b.o_proj)[0]],
-               lambda v: (Linear(b.o_proj), inverse_columns(v).reshape(b.n_heads, b.d_head)))
+        mapped("o", seen[Linear(node(b.o_proj)).parts.x],
+               lambda v: (b.o_proj, inverse_columns(v).reshape(b.n_heads, b.d_head)))
         for role, (site, proj) in b.mlp_proj.items():
-            mapped(role, seen[site], lambda v: (Linear(proj), v.reshape(-1)))
+            mapped(role, seen[node(site)], lambda v: (proj, v.reshape(-1)))
         if b.writer is not None:
-            mapped("out", seen[linear_parts(b.writer)[0]], lambda v: (Linear(b.writer), inverse_columns(v)))
+            mapped("out", seen[Linear(node(b.writer)).parts.x], lambda v: (b.writer, inverse_columns(v)))
         out.append(m)
     return out
 

@@ -34,9 +34,9 @@ import torch
 import torch.fx as fx
 
 from fxlens.errors import UnmappableModelError
-from fxlens.ir.graph import (MATMUL_OPS, SOFTMAX_OPS, ancestors, is_layout, is_scalar_scale, layout_closure,
-                    linear_parts, module_path, module_paths, output_node, same_size, shape,
-                    tensor_inputs, topo_index, val, walk_back)
+from fxlens.ir.graph import (HANDLES, MATMUL_OPS, SOFTMAX_OPS, add_handle, ancestors, is_layout,
+                             is_scalar_scale, layout_closure, linear_parts, module_path, module_paths,
+                             output_node, same_size, shape, tensor_inputs, topo_index, val, walk_back)
 from fxlens.ir.hook_points import Layout
 from fxlens.discovery.names import EXPERT_SITES, block_name
 from fxlens.ir.trace import CASTS
@@ -63,33 +63,34 @@ class BlockSpec:
     d_head: int = 0
     d_mlp: int | None = None
     d_model: int = 0
-    # nodes later passes need
-    projections: list = field(default_factory=list)  # linears feeding q/k/v
-    qkv: dict = field(default_factory=dict)           # "q"|"k"|"v" -> (site node, projection)
-    o_proj: fx.Node | None = None
-    z: fx.Node | None = None
-    mlp_proj: dict = field(default_factory=dict)      # "pre"|"pre_linear" -> (site node, projection)
-    writer: fx.Node | None = None                     # the MLP's output projection
-    post: fx.Node | None = None
-    resid_pre: fx.Node | None = None
-    resid_mid: fx.Node | None = None
-    mlp_in_node: fx.Node | None = None
-    mlp_nodes: set = field(default_factory=set)
+    # handles of the nodes later passes need (fxlens.ir.graph.site_node looks them up)
+    qkv: dict = field(default_factory=dict)           # "q"|"k"|"v" -> (site handle, projection handle)
+    o_proj: str = ""
+    z: str = ""                                       # pattern @ V
+    mlp_proj: dict = field(default_factory=dict)      # "pre"|"pre_linear" -> (site handle, projection handle)
+    writer: str | None = None                         # the MLP's output projection
+    post: str | None = None
+    resid_pre: str = ""
+    resid_mid: str | None = None
+    mlp_in: str | None = None                         # the value the MLP reads ...
+    mlp_in_readers: str | None = None                 # ... and its readers inside the MLP (a group)
 
 
 @dataclass
 class ModelSpec:
+    """The model's shape, and handles (not nodes) of the nodes passes need: a pass
+    that changes the graph cannot leave the spec pointing at a node it removed."""
     blocks: list[BlockSpec]
     d_model: int
     d_vocab: int
     norm_kinds: dict            # norm path -> "LN" | "RMS"
     ln_final: str | None
-    embed: fx.Node | None
-    pos_embed: fx.Node | None
-    unembed: fx.Node | None
-    sites: dict                 # name -> node (before hooks are inserted)
+    embed: str | None           # handles: the token embedding lookup
+    pos_embed: str | None
+    unembed: str | None
+    sites: tuple                # the site names discovery found (before hooks are inserted)
     notes: list = field(default_factory=list)
-    embed_out: fx.Node | None = None   # hook_embed: the embedding after any scale (Gemma's sqrt(d_model))
+    embed_out: str | None = None   # hook_embed: the embedding after any scale (Gemma's sqrt(d_model))
 
     @property
     def n_layers(self) -> int:
@@ -97,19 +98,55 @@ class ModelSpec:
 
 
 class Sites:
-    """Collects annotations; only writes node.meta when discovery succeeded."""
+    """Collects annotations (sites and spec handles); only writes node.meta when
+    discovery succeeded."""
 
     def __init__(self):
         self.found: dict[str, tuple[fx.Node, Layout, list | None]] = {}
+        self.handles: dict[str, list[fx.Node]] = {}
 
     def add(self, name: str, node: fx.Node, layout: Layout = Layout(), edge_users=None):
         self.found[name] = (node, layout, edge_users)
 
+    def handle(self, handle: str, *nodes: fx.Node) -> str:
+        """Record `handle` on `nodes` (several: a group) and return it, for the spec."""
+        self.handles[handle] = list(nodes)
+        return handle
+
     def commit(self, graph: fx.Graph) -> None:
         for n in graph.nodes:
             n.meta.pop("fxlens.sites", None)
+            n.meta.pop(HANDLES, None)
         for name, (node, layout, edge) in self.found.items():
             node.meta.setdefault("fxlens.sites", []).append((name, layout, edge))
+        for handle, nodes in self.handles.items():
+            for node in nodes:
+                add_handle(node, handle)
+
+
+def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites", mlp: "MlpSites",
+               resid_pre: fx.Node, resid_mid: fx.Node | None, **fields) -> BlockSpec:
+    """The BlockSpec of one analysed block, its nodes recorded as handles
+    ("blocks.L.attn.o_proj", ...); `fields`: the norms and `parallel`."""
+    def h(role, *nodes):
+        return sites.handle(block_name(layer, role), *nodes)
+
+    mlp_in = mlp.inputs[0] if mlp.inputs else None
+    readers = [u for u in mlp_in.users if u in mlp.nodes] if mlp_in is not None else []
+    return BlockSpec(
+        layer=layer, path=path, attn=att.path, mlp=mlp.path, gated=mlp.gated, rotary=att.rotary,
+        moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, d_head=att.d_head, d_mlp=mlp.d_mlp,
+        d_model=att.d_model,
+        qkv={r: (h(f"attn.{r}", site), h(f"attn.{r}_proj", proj)) for r, (site, proj) in att.qkv.items()},
+        o_proj=h("attn.o_proj", att.o_proj), z=h("attn.z", att.z),
+        mlp_proj={r: (h(f"mlp.{r}", site), h(f"mlp.{r}_proj", proj)) for r, (site, proj) in mlp.proj.items()},
+        writer=h("mlp.out_proj", mlp.writer) if mlp.writer is not None else None,
+        post=h("mlp.post", mlp.post) if mlp.post is not None else None,
+        resid_pre=h("resid_pre", resid_pre),
+        resid_mid=h("resid_mid", resid_mid) if resid_mid is not None else None,
+        mlp_in=h("mlp.in", mlp_in) if mlp_in is not None else None,
+        mlp_in_readers=h("mlp.in_readers", *readers) if readers else None,
+        **fields)
 
 
 SCOPE = ("fxlens maps decoder-only transformers whose blocks each hold one attention (eager softmax) "
@@ -316,7 +353,7 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     if embed is None:
         raise _fail("embeddings", f"{len(embeddings)} embedding node(s)",
                     f"the token embedding {get_input_embeddings_path!r}")
-    first_in = blocks[0].resid_pre
+    first_in, = sites.handles[blocks[0].resid_pre]
     embed_out = embedding_output(embed, first_in)
     sites.add("hook_embed", embed_out)
     for n in embeddings:
@@ -350,11 +387,12 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     for site, (node, layout, edge) in list(sites.found.items()):
         if not site.endswith(_TOKEN_ROWS):
             sites.found[site] = (node, residual_layout(gm.graph, node, layout), edge)
-    sites.commit(graph)
     spec = ModelSpec(blocks=blocks, d_model=int(d_model), d_vocab=int(d_vocab),
                      norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=ln_final,
-                     embed=embed, embed_out=embed_out, pos_embed=pos_embed, unembed=unembed,
-                     sites={k: v[0] for k, v in sites.found.items()})
+                     embed=sites.handle("embed", embed), embed_out=sites.handle("embed_out", embed_out),
+                     pos_embed=sites.handle("pos_embed", pos_embed) if pos_embed is not None else None,
+                     unembed=sites.handle("unembed", unembed), sites=tuple(sites.found))
+    sites.commit(graph)
     return spec
 
 
@@ -725,14 +763,8 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     sites.add(name("hook_mlp_out"), mlp.out)
     sites.add(name("hook_resid_post"), resid_post)
 
-    b = BlockSpec(layer=layer, path=bpath, attn=att.path, mlp=mlp.path, ln1=ln1, ln2=ln2,
-                  ln1_post=att.post_norm, ln2_post=mlp.post_norm, parallel=parallel, gated=mlp.gated,
-                  rotary=att.rotary, moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads,
-                  d_head=att.d_head, d_mlp=mlp.d_mlp, d_model=d_model, projections=att.projections,
-                  qkv=att.qkv, o_proj=att.o_proj, z=att.z, mlp_proj=mlp.proj, writer=mlp.writer,
-                  post=mlp.post, resid_pre=resid_pre, resid_mid=None if parallel else resid_add,
-                  mlp_in_node=mlp.inputs[0] if mlp.inputs else None, mlp_nodes=mlp.nodes)
-    return b
+    return block_spec(sites, layer, bpath, att, mlp, resid_pre, None if parallel else resid_add,
+                      ln1=ln1, ln2=ln2, ln1_post=att.post_norm, ln2_post=mlp.post_norm, parallel=parallel)
 
 
 def _branch_nodes(linears: list, allowed: set, norms: dict) -> list:

@@ -26,8 +26,8 @@ import contextlib
 import torch
 import torch.fx as fx
 
-from fxlens.discovery.decoder import (BlockSpec, ModelSpec, ShapedGraph, Sites, analyse_attention, analyse_mlp, block_input,
-                                      find_blocks, module_output, nodes_in, norm_of, norm_paths, residual_layout,
+from fxlens.discovery.decoder import (BlockSpec, ModelSpec, ShapedGraph, Sites, analyse_attention, analyse_mlp,
+                                      block_input, block_spec, find_blocks, module_output, nodes_in, norm_of, norm_paths, residual_layout,
                                       unmappable)
 from fxlens.discovery.names import block_name
 from fxlens.errors import UnmappableModelError
@@ -120,13 +120,7 @@ def _encoder_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     # BlockSpec keeps the decoder meaning that passes read (opt_in's hook_q_input,
     # hook_mlp_in): ln1 / ln2 = the norm feeding the attention / the MLP. Post-LN,
     # nothing normalises the attention's input, and the MLP's norm is TL's ln1.
-    return BlockSpec(layer=layer, path=bpath, attn=att.path, mlp=mlp.path, ln1=None, ln2=ln1,
-                     gated=mlp.gated, rotary=att.rotary, moe=mlp.moe, n_heads=att.n_heads,
-                     n_kv_heads=att.n_kv_heads, d_head=att.d_head, d_mlp=mlp.d_mlp, d_model=d_model,
-                     projections=att.projections, qkv=att.qkv, o_proj=att.o_proj, z=att.z,
-                     mlp_proj=mlp.proj, writer=mlp.writer, post=mlp.post, resid_pre=resid_pre,
-                     resid_mid=resid_mid, mlp_in_node=mlp.inputs[0] if mlp.inputs else None,
-                     mlp_nodes=mlp.nodes)
+    return block_spec(sites, layer, bpath, att, mlp, resid_pre, resid_mid, ln1=None, ln2=ln1)
 
 
 def _index_origin(gm: fx.GraphModule, idx: fx.Node) -> str:
@@ -153,7 +147,7 @@ def _index_origin(gm: fx.GraphModule, idx: fx.Node) -> str:
 
 def _embeddings(g: ShapedGraph, sites: Sites, first: BlockSpec, norms: dict, nodes_of, embed_path: str | None):
     """hook_embed, hook_pos_embed, hook_token_type_embed, embed.ln.*, hook_full_embed."""
-    first_in = first.resid_pre
+    first_in, = sites.handles[first.resid_pre]
     feeding = ancestors(first_in)
     embeddings = [n for n in g.graph.nodes if n.target is aten.embedding.default and n in feeding]
     word = next((n for n in embeddings if embed_path and embed_path in module_paths(n)), None)
@@ -224,12 +218,14 @@ def analyse_encoder(gm: fx.GraphModule, embed_path: str | None, unembed_path: st
     d_vocab = shape(unembed)[-1] if unembed is not None else get_tensor(gm, embed.args[0].target).shape[0]
     for site, (node, layout, edge) in list(sites.found.items()):
         sites.found[site] = (node, residual_layout(gm.graph, node, layout), edge)
-    sites.commit(g.graph)
-    return ModelSpec(blocks=blocks, d_model=int(blocks[0].d_model), d_vocab=int(d_vocab),
+    spec = ModelSpec(blocks=blocks, d_model=int(blocks[0].d_model), d_vocab=int(d_vocab),
                      norm_kinds={p: d["kind"] for p, d in norms.items()}, ln_final=None,
-                     embed=embed, pos_embed=pos_embed, unembed=unembed,
-                     sites={k: v[0] for k, v in sites.found.items()},
-                     notes=[f"head norm {head_norm}"] if head_norm else [])
+                     embed=sites.handle("embed", embed),
+                     pos_embed=sites.handle("pos_embed", pos_embed) if pos_embed is not None else None,
+                     unembed=sites.handle("unembed", unembed) if unembed is not None else None,
+                     sites=tuple(sites.found), notes=[f"head norm {head_norm}"] if head_norm else [])
+    sites.commit(g.graph)
+    return spec
 
 
 def discover_encoder_sites(gm: fx.GraphModule, ctx) -> PassResult:

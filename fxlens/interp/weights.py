@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fxlens.interp.editable import read_only, read_param, stack
+from fxlens.ir.graph import site_node
 from fxlens.ir.params import Linear, get_tensor
 from fxlens.ir.trace import apply_chain, values_at
 from fxlens.discovery.columns import BlockMaps, column_maps
@@ -99,7 +100,9 @@ class BlockWeights:
         return self._weight("attn.W_O", lin, lambda w: w[:, cols].permute(1, 2, 0))
 
     @property
-    def b_O(self): return self._bias("attn.b_O", Linear(self._model.spec.blocks[self.layer].o_proj))
+    def b_O(self):
+        o_proj = site_node(self._gm(), self._model.spec.blocks[self.layer].o_proj)
+        return self._bias("attn.b_O", Linear(o_proj))
 
     def _mlp(self, role):
         entry = self._m().get(role, self._name(f"mlp ({role})"))
@@ -209,10 +212,13 @@ class WeightsMixin:
     """Stacked TransformerLens weight views on the HookedModel."""
 
     def _maps(self) -> list[BlockMaps]:
-        # traced once; processing is done by then, and opt-in rewrites keep the parameters
-        if getattr(self, "_maps_cache", None) is None:
-            self._maps_cache = column_maps(self.graph_module, self.spec)
-        return self._maps_cache
+        # traced once per graph module: the maps name their projections by spec handle
+        # (looked up when read, so opt-in rewrites of the graph keep them right) and the
+        # columns depend only on the parameters' layouts, which processing keeps
+        cached = getattr(self, "_maps_cache", None)
+        if cached is None or cached[0] is not self.graph_module:
+            self._maps_cache = (self.graph_module, column_maps(self.graph_module, self.spec))
+        return self._maps_cache[1]
 
     @property
     def blocks(self) -> list[BlockWeights]:
@@ -242,22 +248,27 @@ class WeightsMixin:
     # W_E, W_U and existing biases are views of the stored tensors (no copy)
     @property
     def W_E(self) -> torch.Tensor:
-        w = get_tensor(self.graph_module, self.spec.embed.args[0].target).detach()
-        out = self.spec.embed_out
-        if out is None or out is self.spec.embed:
+        gm = self.graph_module
+        embed = site_node(gm, self.spec.embed)
+        w = get_tensor(gm, embed.args[0].target).detach()
+        out = site_node(gm, self.spec.embed_out) if self.spec.embed_out is not None else embed
+        if out is embed:
             return w
         # TransformerLens folds the embedding's scale (Gemma's sqrt(d_model)) into W_E
-        return read_only(apply_chain(self.graph_module, self.spec.embed, out, w), "W_E",
+        return read_only(apply_chain(gm, embed, out, w), "W_E",
                          "W_E includes the scale the model applies to its embedding, so it is stored "
                          "nowhere; edit the embedding parameter of the HF model, or hook hook_embed")
 
+    def _unembed(self) -> Linear:
+        return Linear(site_node(self.graph_module, self.spec.unembed))
+
     @property
     def W_U(self) -> torch.Tensor:
-        return Linear(self.spec.unembed).weight(self.graph_module).detach().T   # [d_model, d_vocab]
+        return self._unembed().weight(self.graph_module).detach().T   # [d_model, d_vocab]
 
     @property
     def b_U(self) -> torch.Tensor:
-        lin = Linear(self.spec.unembed)
+        lin = self._unembed()
         b = lin.bias(self.graph_module)
         if b is not None:
             return b.detach()
@@ -271,6 +282,7 @@ class WeightsMixin:
         embedding's output, so offsets like OPT's are already applied)."""
         if self.spec.pos_embed is None:
             raise AttributeError("W_pos: this model has no learned position embedding")
-        return read_only(values_at(self.graph_module, self.spec.pos_embed, self.cfg.n_ctx), "W_pos",
+        pos_embed = site_node(self.graph_module, self.spec.pos_embed)
+        return read_only(values_at(self.graph_module, pos_embed, self.cfg.n_ctx), "W_pos",
                          "W_pos is read off the position embedding's output, not stored as one tensor; "
                          "change positions with a hook on hook_pos_embed")

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.fx as fx
 
+from fxlens.errors import StaleHandleError
+
 aten = torch.ops.aten
 
 # Ops that move or view data without computing on it; walks through them keep
@@ -151,7 +153,25 @@ def _bare_linear(node: fx.Node) -> LinearParts | None:
         if found is not None:
             w, out_in = found
             return LinearParts(node.args[0], w, None, node if w is node.args[1] else node.args[1], None, out_in)
+    if t is aten.sum.dim_IntList and list(node.args[1]) == [2]:
+        # the output projection per head (materialise_opt_in's attn.hook_result):
+        # sum_h einsum('bshd,hdm->bshm', z, reshape(W or W.T, [h, d, m])) = z_flat @ W_O,
+        # with the site's HookPoint (a call_module) between the einsum and the sum
+        per_head = node.args[0]
+        while isinstance(per_head, fx.Node) and per_head.op == "call_module":
+            per_head = per_head.args[0]
+        if not (isinstance(per_head, fx.Node) and per_head.target is aten.einsum.default
+                and per_head.args[0] == PER_HEAD_EINSUM):
+            return None
+        z, w_h = per_head.args[1]
+        found = _weight_of(w_h.args[0]) if w_h.target is aten.reshape.default else None
+        if found is not None:
+            w, out_in = found
+            return LinearParts(z, w, None, w_h if w is w_h.args[0] else w_h.args[0], None, out_in)
     return None
+
+
+PER_HEAD_EINSUM = "bshd,hdm->bshm"
 
 
 def linear_parts(node: fx.Node) -> LinearParts | None:
@@ -271,3 +291,48 @@ def new_node(graph: fx.Graph, target, args, kwargs=None, like: fx.Node | None = 
 
 def topo_index(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
+
+
+# --- spec handles -----------------------------------------------------------------
+# The spec (fxlens.discovery.decoder.ModelSpec) names the nodes passes need by
+# handle ("blocks.3.attn.o_proj"), recorded here on the node; passes look them up
+# in the graph they run on, so a graph copy (its meta is copied) answers too and a
+# node a pass replaced is an error, not a stale object. Values are frozensets:
+# graph copies share meta values, so a handle set is replaced, never mutated.
+HANDLES = "fxlens.handles"
+
+
+def handles_of(node: fx.Node) -> frozenset:
+    return node.meta.get(HANDLES, frozenset())
+
+
+def add_handle(node: fx.Node, handle: str) -> None:
+    node.meta[HANDLES] = handles_of(node) | {handle}
+
+
+def move_handles(old: fx.Node, new: fx.Node) -> None:
+    """`new` now stands for `old` (a pass replaced it): its handles go with it."""
+    if handles_of(old):
+        new.meta[HANDLES] = handles_of(new) | handles_of(old)
+        del old.meta[HANDLES]
+
+
+def _graph_of(gm) -> fx.Graph:
+    return gm.graph if isinstance(gm, fx.GraphModule) else gm
+
+
+def site_nodes(gm, handle: str) -> list[fx.Node]:
+    """Every node of `gm` (a GraphModule or Graph) carrying `handle` (a group handle),
+    in graph order; StaleHandleError when none does."""
+    found = [n for n in _graph_of(gm).nodes if handle in n.meta.get(HANDLES, ())]
+    if not found:
+        raise StaleHandleError(handle, "no node")
+    return found
+
+
+def site_node(gm, handle: str) -> fx.Node:
+    """The one node of `gm` (a GraphModule or Graph) the spec handle names."""
+    found = site_nodes(gm, handle)
+    if len(found) != 1:
+        raise StaleHandleError(handle, f"{len(found)} nodes ({', '.join(n.name for n in found[:4])})")
+    return found[0]

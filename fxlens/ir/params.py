@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fxlens.errors import PassError
 from fxlens.ir.graph import linear_of, linear_parts
 
 aten = torch.ops.aten
@@ -99,22 +100,21 @@ def set_param(gm: fx.GraphModule, node: fx.Node, user: fx.Node, value: torch.Ten
 class Linear:
     """A linear of the graph with its weight in HF's [out, in] convention,
     whatever its storage (`aten.linear` [out, in]; GPT-2 Conv1D `addmm` [in, out];
-    Falcon's `x @ W.T`)."""
+    Falcon's `x @ W.T`; the per-head output projection of attn.hook_result).
+    `node` is a live node: one kept across passes is looked up by its spec
+    handle (`fxlens.ir.graph.site_node`) when needed, not stored."""
 
     node: fx.Node
 
-    def __post_init__(self):
-        # the parts as they were, for reading after an opt-in rewrite has
-        # replaced the op itself (attn.hook_result computes W_O per head)
-        self._snapshot = linear_parts(self.node)
-
     @property
     def parts(self):
-        if getattr(self.node, "_erased", False):
-            return self._snapshot
         # a bias added by a pass makes `add(op, b)` the linear's result
         lin = linear_of(self.node)
-        return linear_parts(lin) if lin is not None else self._snapshot
+        parts = linear_parts(lin) if lin is not None else None
+        if parts is None:
+            raise PassError("linear", f"{self.node.name} ({self.node.target}) is not a linear; a pass "
+                                      f"rewrote it without moving its spec handle to its replacement")
+        return parts
 
     def weight(self, gm) -> torch.Tensor:
         p = self.parts
@@ -151,7 +151,8 @@ class Linear:
         if p.b is not None:
             set_param(gm, p.b, p.b_user, b, pass_name, log)
             return True
-        if self.node.target not in (aten.linear.default, aten.matmul.default, aten.mm.default):
+        if self.node.target not in (aten.linear.default, aten.matmul.default, aten.mm.default,
+                                    aten.sum.dim_IntList):
             return False
         bnode = new_param(gm, p.w.target, f"bias_{pass_name}", b, before=self.node)
         target = bnode.target
@@ -161,7 +162,7 @@ class Linear:
             args = list(self.node.args) + [None] * (3 - len(self.node.args))
             args[2] = bnode
             self.node.args = tuple(args)
-        else:  # x @ W.T has no bias slot: add one after it
+        else:  # x @ W.T (and the per-head sum) has no bias slot: add one after it
             with gm.graph.inserting_after(self.node):
                 add = gm.graph.call_function(aten.add.Tensor, (self.node, bnode))
             add.meta.update({k: v for k, v in self.node.meta.items() if k in ("val", "nn_module_stack")})

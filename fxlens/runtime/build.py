@@ -19,6 +19,7 @@ from fxlens.errors import CaptureError, SelfCheckError
 from fxlens.frontend.capture import capture
 from fxlens.frontend.decoder import Captured, checkpoint_kind
 from fxlens.frontend.encoder import EncoderCaptured, capture_encoder
+from fxlens.ir.graph import site_node
 from fxlens.ir.params import get_tensor
 from fxlens.ir.probe import SELF_CHECK_RTOL, check_on_probe, probe_tokens, self_check_rtol
 from fxlens.passes import materialise_opt_in
@@ -189,7 +190,8 @@ def build_encoder(encoder_cls, source, *, device=None, dtype=torch.float32, self
     gm = run_pipeline(cap.graph_module(own=cap is not internal), ctx, pipeline=ENCODER,
                       on_pass=on_pass)
     if self_check:
-        _encoder_self_check(gm, hf, cap.n_ctx, get_tensor(gm, ctx.spec.embed.args[0].target).shape[0], SELF_CHECK_RTOL)
+        d_vocab = get_tensor(gm, site_node(gm, ctx.spec.embed).args[0].target).shape[0]
+        _encoder_self_check(gm, hf, cap.n_ctx, d_vocab, SELF_CHECK_RTOL)
     device = device or next(hf.parameters()).device
     cfg = make_config(ctx.spec, hf.config, cap.n_ctx, cap.name, dtype, device, arch=type(hf).__name__)
     cfg.attention_dir = "bidirectional"

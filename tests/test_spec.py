@@ -1,0 +1,125 @@
+"""The spec names graph nodes by handle, never by fx.Node (issue 18).
+
+A pass that rewrites the graph (attn.hook_result replaces the output projection)
+must not leave the spec pointing at a removed node: passes look the nodes up by
+handle in the graph they run on (`fxlens.ir.graph.site_node`), and a handle no
+node carries any more is a StaleHandleError, not a stale object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.fx as fx
+from conftest import DATA
+from tiny_models import tiny_model
+
+import fxlens
+from fxlens.discovery.decoder import BlockSpec, ModelSpec
+from fxlens.errors import StaleHandleError
+from fxlens.ir.graph import HANDLES, linear_parts, site_node
+from fxlens.runtime.compiled import copy_graph_module
+
+TOKS = torch.randint(7, 250, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def _walk(obj, path="spec"):
+    """(path, value) of everything reachable from a spec through dataclass fields and containers."""
+    yield path, obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name), f"{path}.{f.name}")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(k, f"{path}[{k!r}] (key)")
+            yield from _walk(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def _handles(spec: ModelSpec) -> list[str]:
+    """Every node handle the spec holds."""
+    out = [h for h in (spec.embed, spec.embed_out, spec.pos_embed, spec.unembed) if h is not None]
+    for b in spec.blocks:
+        out += [h for pair in list(b.qkv.values()) + list(b.mlp_proj.values()) for h in pair]
+        out += [h for h in (b.o_proj, b.z, b.writer, b.post, b.resid_pre, b.resid_mid, b.mlp_in)
+                if h is not None]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral"])
+def test_no_fx_node_is_reachable_from_the_spec(arch):
+    model = fxlens.from_pretrained_no_processing(tiny_model(arch))
+    found = [(p, type(v).__name__) for p, v in _walk(model.spec) if isinstance(v, fx.Node)]
+    assert found == []
+    # and it does hold the handles passes need, each naming one node of the graph
+    handles = _handles(model.spec)
+    assert {b.z for b in model.spec.blocks} | {b.o_proj for b in model.spec.blocks} <= set(handles)
+    assert all(site_node(model.graph_module, h).graph is model.graph_module.graph for h in handles)
+
+
+def test_no_fx_node_is_reachable_from_an_encoder_spec():
+    model = fxlens.encoder_from_pretrained_no_processing(DATA / "models" / "bert")
+    assert [p for p, v in _walk(model.spec) if isinstance(v, fx.Node)] == []
+    assert all(isinstance(b, BlockSpec) for b in model.spec.blocks)
+    for h in _handles(model.spec):
+        site_node(model.graph_module, h)
+
+
+def test_handles_follow_the_hook_result_rewrite():
+    """attn.hook_result replaces block 0's output projection by a per-head sum: the
+    node the discovery found is gone from the graph, the handle names its
+    replacement, and every other handle still resolves to a live node."""
+    model = fxlens.from_pretrained(tiny_model("gpt2"))
+    gm = model.graph_module
+    spec = model.spec
+    old_o = site_node(gm, spec.blocks[0].o_proj)
+    w_target = linear_parts(old_o).w.target
+    w_o, b_o = model.W_O.clone(), model.b_O.clone()
+    logits = model(TOKS)
+
+    _, cache = model.run_with_cache(TOKS, names_filter="blocks.0.attn.hook_result")
+    assert cache["blocks.0.attn.hook_result"].shape == (2, 5, model.cfg.n_heads, model.cfg.d_model)
+    gm = model.graph_module
+    assert old_o not in gm.graph.nodes                       # the rewrite removed it
+    new_o = site_node(gm, spec.blocks[0].o_proj)
+    assert new_o is not old_o and new_o.target is torch.ops.aten.add.Tensor   # sum over heads + b_O
+    assert linear_parts(new_o).w.target == w_target       # the same W_O parameter, read per head
+    live = set(gm.graph.nodes)
+    for h in _handles(spec):
+        assert site_node(gm, h) in live, h
+    # the weight views read through the handles: unchanged, and the model too
+    torch.testing.assert_close(model.W_O, w_o, rtol=0, atol=0)
+    torch.testing.assert_close(model.b_O, b_o, rtol=0, atol=0)
+    torch.testing.assert_close(model(TOKS), logits, rtol=1e-5, atol=1e-5)   # per-head sum: reordered adds
+    # an edit of W_O after the rewrite reaches the per-head projection
+    before = model(TOKS)
+    model.blocks[0].W_O[0] = 0.0
+    assert not torch.allclose(model(TOKS), before)
+
+
+def test_a_removed_node_is_a_stale_handle_error():
+    model = fxlens.from_pretrained_no_processing(tiny_model("gpt2"))
+    gm, _ = copy_graph_module(model.graph_module)
+    handle = model.spec.blocks[1].z
+    z = site_node(gm, handle)
+    # a pass that replaces the node without moving its handle
+    with gm.graph.inserting_after(z):
+        twin = gm.graph.call_function(z.target, z.args, z.kwargs)
+    z.replace_all_uses_with(twin)
+    gm.graph.erase_node(z)
+    with pytest.raises(StaleHandleError, match=r"'blocks\.1\.attn\.z': found no node.*move_handles") as err:
+        site_node(gm, handle)
+    assert err.value.handle == handle
+    # the model's own graph is untouched (the copy shares no handle sets with it)
+    assert site_node(model.graph_module, handle).op == "call_function"
+    # two nodes claiming one handle are refused too
+    twin.meta[HANDLES] = frozenset({handle})
+    other = site_node(gm, model.spec.blocks[0].z)
+    other.meta[HANDLES] = other.meta[HANDLES] | {handle}
+    with pytest.raises(StaleHandleError, match="found 2 nodes"):
+        site_node(gm, handle)
+
