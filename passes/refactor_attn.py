@@ -45,13 +45,15 @@ def _write_rows(gm, lin, cols, w_tl, b_tl, log):
 
 
 def refactor_factored_attn_matrices(gm, spec, log, maps) -> PassResult:
-    b0 = spec.blocks[0]
-    if b0.rotary:
-        raise ProcessingError(f"{NAME}: the model uses rotary embeddings, so QK depends on "
-                              f"position and cannot be refactored; leave this option off")
-    if b0.n_kv_heads != b0.n_heads:
-        raise ProcessingError(f"{NAME}: grouped kv heads share K and V between query heads; "
-                              f"leave this option off")
+    # every block is checked (a model may mix rotary and NoPE layers, or head counts)
+    rotary = [b.layer for b in spec.blocks if b.rotary]
+    if rotary:
+        raise ProcessingError(f"{NAME}: the model uses rotary embeddings (blocks {rotary}), so QK depends "
+                              f"on position and cannot be refactored; leave this option off")
+    grouped = [b.layer for b in spec.blocks if b.n_kv_heads != b.n_heads]
+    if grouped:
+        raise ProcessingError(f"{NAME}: grouped kv heads (blocks {grouped}) share K and V between query "
+                              f"heads; leave this option off")
     for b, m in zip(spec.blocks, maps):
         try:
             (q_lin, q_cols), (k_lin, k_cols), (v_lin, v_cols), (o_lin, o_cols) = (

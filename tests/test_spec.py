@@ -17,8 +17,9 @@ from conftest import DATA
 from tiny_models import tiny_model
 
 import fxlens
+from fxlens.discovery.config import PerLayer
 from fxlens.discovery.decoder import BlockSpec, ModelSpec
-from fxlens.errors import StaleHandleError
+from fxlens.errors import NotApplicableError, StaleHandleError
 from fxlens.ir.graph import HANDLES, linear_parts, site_node
 from fxlens.runtime.compiled import copy_graph_module
 
@@ -123,3 +124,41 @@ def test_a_removed_node_is_a_stale_handle_error():
     with pytest.raises(StaleHandleError, match="found 2 nodes"):
         site_node(gm, handle)
 
+
+# --- cfg from every block -------------------------------------------------------------
+
+def test_cfg_says_per_layer_where_blocks_differ():
+    """qwen3_moe with mlp_only_layers=[1]: block 0 routes 4 experts of width 32,
+    block 1 is a dense MLP of width 128. cfg reading block 0 alone would claim 4
+    experts and d_mlp 32 for both."""
+    model = fxlens.from_pretrained_no_processing(tiny_model("qwen3_moe_mixed"))
+    cfg = model.cfg
+    assert [(layer.d_mlp, layer.num_experts, layer.experts_per_token) for layer in cfg.layers] == \
+        [(32, 4, 2), (128, None, None)]
+    assert isinstance(cfg.d_mlp, PerLayer) and list(cfg.d_mlp) == [32, 128]
+    assert list(cfg.num_experts) == [4, None] and list(cfg.experts_per_token) == [2, None]
+    assert cfg.gated_mlp is True and cfg.n_heads == 4 and cfg.n_key_value_heads == 2   # the same in both
+    # the widths are the sites': expert 0's rows in block 0, the dense MLP's in block 1
+    _, cache = model.run_with_cache(TOKS, names_filter=["blocks.0.mlp.experts.0.hook_post",
+                                                        "blocks.1.mlp.hook_post"])
+    assert cache["blocks.0.mlp.experts.0.hook_post"].shape[-1] == cfg.layers[0].d_mlp
+    assert cache["blocks.1.mlp.hook_post"].shape[-1] == cfg.layers[1].d_mlp
+    # what needs one width refuses, naming the per-layer way
+    with pytest.raises(NotApplicableError, match=r"cfg.d_mlp = PerLayer\(\[32, 128\]\).*cfg.layers\[layer\].d_mlp"):
+        cache.stack_neuron_results(2)
+
+
+def test_cfg_local_and_global_layers():
+    """gemma2's layer_types (sliding, full): TransformerLens's attn_types per layer."""
+    model = fxlens.from_pretrained_no_processing(tiny_model("gemma2"))
+    cfg = model.cfg
+    assert cfg.use_local_attn and cfg.attn_types == ["local", "global"] and cfg.window_size == 128
+    assert [(layer.attn_type, layer.window_size) for layer in cfg.layers] == [("local", 128), ("global", None)]
+
+
+def test_cfg_of_uniform_blocks_is_one_value_per_field():
+    model = fxlens.from_pretrained_no_processing(tiny_model("llama"))
+    cfg = model.cfg
+    assert not any(isinstance(v, PerLayer) for v in vars(cfg).values())
+    assert cfg.d_mlp == 128 and cfg.num_experts is None and not cfg.use_local_attn and cfg.attn_types is None
+    assert len(cfg.layers) == cfg.n_layers and all(layer == cfg.layers[0] for layer in cfg.layers)

@@ -190,6 +190,17 @@ CFG_GAPS = {
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_cfg_local_attention_is_transformerlens(arch):
+    """Local (sliding-window) and global layers: TL's use_local_attn, and where it is
+    on, its attn_types per layer and window_size (gemma2, gemma3, gpt_neo here)."""
+    tl_cfg = json.loads((REF / arch / "hooks.json").read_text())["modes"]["raw"]["cfg"]
+    cfg = _model(arch, "raw").cfg
+    assert cfg.use_local_attn == tl_cfg["use_local_attn"]
+    if tl_cfg["use_local_attn"]:
+        assert (cfg.attn_types, cfg.window_size) == (tl_cfg["attn_types"], tl_cfg["window_size"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cfg_is_transformerlens_cfg(arch):
     for mode in ("raw", "processed"):
         tl_cfg = json.loads((REF / arch / "hooks.json").read_text())["modes"][mode]["cfg"]

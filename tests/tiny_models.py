@@ -102,6 +102,9 @@ MORE_CONFIGS: dict[str, tuple[str, dict]] = {
                                    layer_types=["sliding_attention", "full_attention"],
                                    rope_parameters={"sliding_attention": _rope()["rope_parameters"],
                                                     "full_attention": _rope(rope_theta=1e6)["rope_parameters"]})),
+    # blocks that differ: block 0 routes 4 experts (width 32), block 1 is a dense MLP (D_MLP)
+    "qwen3_moe_mixed": ("qwen3_moe", dict(_LLAMA_LIKE, head_dim=D_HEAD, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1])),
 }
 
 # Archs whose RMSNorm multiplies by (1 + w) (weights initialised at zero).

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fxlens.errors import FxlensError, UnknownHookError
+from fxlens.discovery.config import PerLayer
+from fxlens.errors import FxlensError, NotApplicableError, UnknownHookError
 from fxlens.discovery.names import act_name, canonical_order
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
@@ -314,6 +315,11 @@ class ActivationCache:
         not in them; `incl_remainder` appends the rest of resid_post[layer-1]).
         This is d_mlp times the size of the residual stream per layer."""
         layer = self._layer(layer)
+        if isinstance(self._cfg.d_mlp, PerLayer):
+            raise NotApplicableError(
+                f"stack_neuron_results: the blocks' MLPs differ in width (cfg.d_mlp = {self._cfg.d_mlp!r}), "
+                f"so their neurons make no one [layer*neuron] stack; use get_neuron_results(layer) for "
+                f"each layer (its width is cfg.layers[layer].d_mlp)")
         idx = apply_slice(torch.arange(self._cfg.d_mlp), neuron_slice, 0).reshape(-1).tolist()
         labels = [f"L{l}N{i}" for l in range(layer) for i in idx]
         parts = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fxlens.errors import NotApplicableError
 from fxlens.interp.editable import read_only, read_param, stack
 from fxlens.ir.graph import site_node
 from fxlens.ir.params import Linear, get_tensor
@@ -226,7 +227,13 @@ class WeightsMixin:
 
     def _stack(self, attr: str) -> torch.Tensor:
         # [layer, ...]: edits are written back to each layer's parameters
-        return stack([getattr(b, attr) for b in self.blocks], attr)
+        views = [getattr(b, attr) for b in self.blocks]
+        shapes = [tuple(v.shape) for v in views]
+        if len(set(shapes)) > 1:   # blocks of other widths (cfg fields that are PerLayer)
+            raise NotApplicableError(
+                f"{attr}: the blocks' {attr} differ in shape ({', '.join(map(str, shapes))}), so they make "
+                f"no one [layer, ...] tensor; read model.blocks[L].{attr} for each layer")
+        return stack(views, attr)
 
     W_Q = property(lambda self: self._stack("W_Q"))
     W_K = property(lambda self: self._stack("W_K"))
