@@ -16,6 +16,7 @@ model's own graph is never touched)
   gone):  sum(einsum('bshd,hdm->bshm', z, W_O), [2])  becomes
           einsum('bshd,hdm->bsm', z, W_O)
           (the sum over heads joins the contraction: no [b, s, h, m] tensor)
+          (matched by torch.fx's SubgraphMatcher on a pattern traced from `_summed_einsum`)
   layout modules    call_module(FromTL, y)  becomes  from_tl(y) as ATen nodes
 `to_tl` is the site's `Layout.to_tl` traced into ATen ops (`emit_layout`:
 [b, h, s, d] -> transpose, [b, s, h*d] -> view, additive mask -> -inf, grouped
@@ -28,10 +29,12 @@ output holds 1 + len(cached) values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
 from fxlens.errors import PassError
 from fxlens.ir.hook_points import HookPoint, Layout, emit_layout
@@ -133,17 +136,27 @@ def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str
                                "contracted": contracted, "inlined": inlined})
 
 
+def _summed_einsum(eq, operands, dims):
+    """The reference the contraction's pattern is traced from: a per-head product summed over heads."""
+    return aten.sum.dim_IntList(aten.einsum.default(eq, operands), dims)
+
+
+@functools.cache
+def _summed_einsum_pattern() -> fx.Graph:
+    return fx.symbolic_trace(_summed_einsum).graph
+
+
 def _contract_summed_einsums(graph: fx.Graph) -> int:
-    """sum(einsum('..->bshm'), [2]) -> einsum('..->bsm') where nothing else reads the einsum."""
+    """sum(einsum('..->bshm'), [2]) -> einsum('..->bsm') where nothing else reads the
+    einsum (SubgraphMatcher keeps only matches whose einsum has no other user)."""
     n_done = 0
-    for node in list(graph.nodes):
-        if node.target is not aten.sum.dim_IntList or len(node.args) != 2 or node.kwargs:
+    for match in SubgraphMatcher(_summed_einsum_pattern()).match(graph):
+        args = {pn.target: gn for pn, gn in match.nodes_map.items() if pn.op == "placeholder"}
+        eq, operands, dims = args["eq"], args["operands"], args["dims"]
+        (node,) = match.returning_nodes
+        src = node.args[0]
+        if not (isinstance(eq, str) and isinstance(dims, (list, tuple)) and len(dims) == 1):
             continue
-        src, dims = node.args
-        if not (isinstance(src, fx.Node) and src.target is aten.einsum.default and len(src.users) == 1
-                and isinstance(dims, (list, tuple)) and len(dims) == 1):
-            continue
-        eq, operands = src.args
         ins, arrow, out = eq.replace(" ", "").partition("->")
         if not arrow or "." in eq:
             continue
