@@ -204,6 +204,7 @@ def bench_model(which: str, batch: int, seq: int, reps: int, with_tl: bool, n_ba
               "tokens": n_tokens, "sites": {"1": one, "N": len(every)}, "times": times,
               "max_abs_diff_fxlens_vs_tl": agree, "threads": torch.get_num_threads(),
               "loadavg": os.getloadavg()}
+    print(table(result) + "\n", flush=True)          # before the long data-parallel launches
     if dp is not None:
         result["dp"] = data_parallel(which, corpus, one, batch, seq, n_batches, work, **dp)
     shutil.rmtree(work, ignore_errors=True)
@@ -290,6 +291,7 @@ def dp_worker(args) -> None:
 
 # --- report ------------------------------------------------------------------------------
 def table(r: dict) -> str:
+    """The harvest phase's table."""
     times = r["times"]
     ceiling = times["HF compiled forward"]["median_s"]
     lines = [f"### {r['model']}: {r['label']}",
@@ -304,11 +306,18 @@ def table(r: dict) -> str:
     if r["max_abs_diff_fxlens_vs_tl"]:
         lines.append("\nmax |fxlens - TL| over the harvested shards: "
                      + ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff_fxlens_vs_tl"].items()))
+    return "\n".join(lines)
+
+
+def dp_table(r: dict) -> str:
+    """The data-parallel table (empty without --dp runs)."""
+    lines = []
     if "dp" in r:
         dp = r["dp"]
         base = dp["median_s"]
-        lines += ["", f"data parallel, 1-site harvest of {dp['tokens']} tokens (one shard per batch), "
-                      f"seconds per harvest (medians over {len(next(iter(dp['seconds'].values())))} reps):", "",
+        lines += [f"### {r['model']}: data parallel",
+                  f"1-site harvest of {dp['tokens']} tokens (one shard per batch), seconds per harvest "
+                  f"(medians over {len(next(iter(dp['seconds'].values())))} reps):", "",
                   "| torchrun | median s | tokens/s | speedup vs 1 proc x 1 thread | vs 1 proc x 2 threads |",
                   "|---|---:|---:|---:|---:|"]
         for k, s in base.items():
@@ -336,7 +345,7 @@ def main(argv=None) -> None:
         dp_worker(args)
         return
     dp = None if args.no_dp else {"reps": args.reps, "rounds": args.dp_rounds}
-    bench.run_models(args, functools.partial(bench_model, n_batches=args.batches, dp=dp), table)
+    bench.run_models(args, functools.partial(bench_model, n_batches=args.batches, dp=dp), dp_table)
 
 
 if __name__ == "__main__":
