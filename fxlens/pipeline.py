@@ -10,6 +10,8 @@
                 fxlens/runtime/compiled.py; `variant_pipeline` leaves out
                 fuse_attention when it is off, and the boundaries and segments
                 when hooks do not run between compiled segments)
+    KV_PREFILL  kv_prefill   (on a copy of an instrumented graph: generation's
+    KV_DECODE   kv_decode     prompt pass, and its one-token steps)
 
 `reprocess` runs PROCESSING passes on an already instrumented graph
 (HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
@@ -29,10 +31,11 @@ import torch.fx as fx
 from fxlens.discovery.decoder import ModelSpec, analyse
 from fxlens.discovery.encoder import discover_encoder_sites
 from fxlens.errors import FxlensError, PassError
+from fxlens.frontend.decoder import MASK_INPUT, POSITIONS
 from fxlens.ir.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
-                           fold_value_biases, insert_hooks, refactor_factored_attn_matrices, remove_hooks,
-                           split_shared_norms)
+                           fold_value_biases, insert_hooks, kv_decode, kv_prefill, refactor_factored_attn_matrices,
+                           remove_hooks, split_shared_norms)
 from fxlens.ir.pass_result import PassResult
 from fxlens.discovery.columns import column_maps
 from fxlens.passes.fuse_attention import fuse_attention
@@ -42,6 +45,7 @@ from fxlens.passes.specialise import specialise
 # what a pass that fails unexpectedly advises, by pipeline
 PROCESSING_ADVICE = "turn the processing flag off (or use from_pretrained_no_processing) and please report the model"
 VARIANT_ADVICE = "compile with fuse_attention=False (or run the model uncompiled) and please report the model"
+KV_ADVICE = "generate recomputes the prefix instead (as use_past_kv_cache=False); please report the model"
 
 
 @dataclass
@@ -88,6 +92,14 @@ ENCODER = (
     FRONT[1],
     ("discover_sites", discover_encoder_sites),
 ) + BACK
+
+# generation with a KV cache (fxlens.runtime.kv_cache), each on its own copy of the instrumented graph
+KV_PREFILL = (
+    ("kv_prefill", lambda gm, ctx: kv_prefill(gm, ctx.spec.n_layers)),
+)
+KV_DECODE = (
+    ("kv_decode", lambda gm, ctx: kv_decode(gm, ctx.spec.n_layers, MASK_INPUT, POSITIONS)),
+)
 
 
 # compiled variants (fxlens/runtime/compiled.py): the copy's residual boundaries are
