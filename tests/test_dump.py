@@ -296,7 +296,9 @@ def test_explore_page_draws_the_graph_and_finds_a_hook_in_headless_chromium(gpt2
     from cdp import Browser, CDPError
     exe = need_tool(shutil.which("chromium") or CHROMIUM, "Chromium")
     _, url = explore
-    browser = Browser(exe, [*EXPLORER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"], tmp_path / "chromium.log")
+    # 180 s a DevTools call: a SwiftShader screenshot took over 60 s on the loaded 2-core machine
+    browser = Browser(exe, [*EXPLORER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"], tmp_path / "chromium.log",
+                      timeout=180)
     try:
         browser.page("Page.enable")
         browser.page("Page.navigate", url=url)
