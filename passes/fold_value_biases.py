@@ -31,6 +31,7 @@ NAME = "fold_value_biases"
 def _pattern_not_stochastic(z) -> str | None:
     """Why the operand multiplying V in `z` (pattern @ V) may have rows that do not
     sum to 1, or None when it is a softmax over exactly those keys."""
+    z = walk_back(z, is_layout)[-1]    # the product itself where z is its unfolded layout (BLOOM's bmm)
     chain = walk_back(z.args[0], lambda n: n.op == "call_module" or is_layout(n))
     soft = chain[-1]
     if soft.target not in SOFTMAX_OPS:

@@ -80,8 +80,7 @@ ARCHS: dict[str, tuple[str, object]] = {
 
 
 # Recorded only when named: fxlens does not instrument these yet (listed in the README).
-NOT_YET = {"bloom": "fxlens refuses bloom today (ALiBi attention through baddbmm: no [batch, head, pos, d_head] "
-                    "product to map; the generality issue)"}
+NOT_YET: dict[str, str] = {}
 
 
 def build_hf(arch: str, seed: int = 0):

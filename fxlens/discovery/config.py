@@ -20,7 +20,7 @@ class FxlensConfig:
     n_key_value_heads: int | None = None
     act_fn: str | None = None
     normalization_type: str | None = None      # "LN" | "RMS" | "LNPre" | "RMSPre" | None
-    positional_embedding_type: str = "standard"  # "standard" | "rotary" | "none"
+    positional_embedding_type: str = "standard"  # "standard" | "rotary" | "alibi" | "none"
     rotary_dim: int | None = None
     parallel_attn_mlp: bool = False
     gated_mlp: bool = False
@@ -133,7 +133,7 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
         d_mlp=b.d_mlp, gated_mlp=b.gated, parallel_attn_mlp=b.parallel,
         # norms on both sides of a sublayer (Gemma 2); post-norms alone (OLMo 2) are TL's ln1/ln2
         use_normalization_before_and_after=bool((b.ln1 and b.ln1_post) or (b.ln2 and b.ln2_post)),
-        positional_embedding_type="rotary" if b.rotary else positional,
+        positional_embedding_type="rotary" if b.rotary else "alibi" if b.alibi else positional,
         num_experts=n_experts if b.moe else None,
         experts_per_token=_first(hf_config, "num_experts_per_tok") if b.moe else None,
         attn_type=kind, window_size=window if kind == "local" else None)

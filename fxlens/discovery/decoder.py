@@ -57,6 +57,7 @@ class BlockSpec:
     parallel: bool = False
     gated: bool = False
     rotary: bool = False
+    alibi: bool = False    # a per-position bias added to the scores (BLOOM's ALiBi)
     moe: bool = False
     n_heads: int = 0
     n_kv_heads: int = 0
@@ -134,7 +135,7 @@ def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites", mlp: 
     mlp_in = mlp.inputs[0] if mlp.inputs else None
     readers = [u for u in mlp_in.users if u in mlp.nodes] if mlp_in is not None else []
     return BlockSpec(
-        layer=layer, path=path, attn=att.path, mlp=mlp.path, gated=mlp.gated, rotary=att.rotary,
+        layer=layer, path=path, attn=att.path, mlp=mlp.path, gated=mlp.gated, rotary=att.rotary, alibi=att.alibi,
         moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, d_head=att.d_head, d_mlp=mlp.d_mlp,
         d_model=att.d_model,
         qkv={r: (h(f"attn.{r}", site), h(f"attn.{r}_proj", proj)) for r, (site, proj) in att.qkv.items()},
@@ -355,7 +356,17 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
                     f"the token embedding {get_input_embeddings_path!r}")
     first_in, = sites.handles[blocks[0].resid_pre]
     embed_out = embedding_output(embed, first_in)
-    sites.add("hook_embed", embed_out)
+    embed_ln = norm_of(first_in, norms)
+    if embed_ln is not None and not any(embed_ln.startswith(b.path + ".") for b in blocks) \
+            and embed_out in ancestors(norms[embed_ln]["normalized"]):
+        # a norm between the token embedding and the first block (BLOOM's): TransformerLens's
+        # embed.ln, inside its Embed, so hook_embed is the embedding after it (W_E stays the
+        # table before it, as TransformerLens's)
+        sites.add("embed.ln.hook_scale", norms[embed_ln]["scale"])
+        sites.add("embed.ln.hook_normalized", norms[embed_ln]["normalized"])
+        sites.add("hook_embed", first_in)
+    else:
+        sites.add("hook_embed", embed_out)
     for n in embeddings:
         if n is embed or n not in ancestors(first_in):
             continue
@@ -413,6 +424,7 @@ class AttentionSites:
     d_head: int
     d_model: int
     rotary: bool
+    alibi: bool
 
 
 @dataclass
@@ -456,6 +468,12 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     q_op, k_op = qk
     v_op = z_mm.args[1]
     d_head = shape(z_mm)[-1]
+    if not g.heads(z_mm, d_head):
+        # heads folded into the batch for a bmm (BLOOM: [batch * head, pos, d_head]):
+        # z is the product once layout ops unfold it into [batch, (head, pos | pos, head), d_head]
+        unfolded = [n for n in layout_closure(z_mm) if g.head_layout(n, d_head)]
+        if unfolded:
+            z_mm = min(unfolded, key=g.order.__getitem__)
     n_heads = g.heads(z_mm, d_head)
     if not n_heads:
         raise _fail(f"attention {attn}", f"pattern@V of shape {shape(z_mm)}", "a [batch, head, pos, d_head] product")
@@ -491,6 +509,10 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
         sites.add(name(f"attn.hook_{role}"), *chosen[role])
     qkv = {role: (chosen[role][0], closure[chosen[role][0]]) for role in "qkv"}
     n_kv = chosen["k"][1].heads
+
+    # ALiBi: QK^T added (baddbmm) to a bias made from positions alone, no embedding upstream
+    alibi = scores_mm.target is aten.baddbmm.default and not any(
+        a.target is aten.embedding.default for a in ancestors(scores_mm.args[0]))
 
     # rotary: a computation between the projection and QK^T
     rotary = False
@@ -539,7 +561,8 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
         raise _fail(f"attention {attn}", f"output of shape {shape(attn_out)}", "a [batch, pos, d_model] output")
     return AttentionSites(path=attn, nodes=aset, softmax=softmax, z=z_mm, projections=projs, qkv=qkv,
                           o_proj=o_proj, out=attn_out, post_norm=ln1_post, n_heads=n_heads,
-                          n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary)
+                          n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary,
+                          alibi=alibi)
 
 
 def block_input(g: ShapedGraph, bpath: str, bnodes: list, d_model) -> fx.Node:
@@ -575,6 +598,13 @@ def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: Atte
         mnodes = _branch_nodes([n for ns in children.values() for n in ns], bset - attn.nodes, norms)
     mset = set(mnodes)
     mlp_out_raw = output_node(mnodes)
+    if mlp_out_raw.target is aten.add.Tensor:
+        # the residual joins inside the MLP module (BLOOM's dropout_add(out, residual)):
+        # the branch is the summand made inside it
+        inner = [a for a in mlp_out_raw.all_input_nodes if a in mset]
+        outer = [a for a in mlp_out_raw.all_input_nodes if a not in mset and g.is_resid(a, attn.d_model)]
+        if len(inner) == 1 and len(outer) == 1:
+            mlp_out_raw = inner[0]
     mlp_out, ln2_post = _to_residual_add(mlp_out_raw, bset, norms, nodes_of)
     reading = [n for n in mnodes if linear_parts(n) and walk_back(linear_parts(n)[0], is_layout)[-1] not in mset]
     moe = False

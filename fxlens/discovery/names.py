@@ -12,7 +12,7 @@ import re
 
 from fxlens.errors import UnknownHookError
 
-EMBED_SITES = ("hook_embed", "hook_pos_embed")
+EMBED_SITES = ("embed.ln.hook_scale", "embed.ln.hook_normalized", "hook_embed", "hook_pos_embed")
 
 BLOCK_SITES = (
     "hook_resid_pre",
@@ -54,8 +54,8 @@ ENCODER_FINAL_SITES = ("mlm_head.ln.hook_scale", "mlm_head.ln.hook_normalized", 
                        "unembed.hook_out")
 
 # names only an encoder has: a set of names holding one is ordered as an encoder's
-_ENCODER_ONLY = (set(ENCODER_EMBED_SITES) | set(ENCODER_FINAL_SITES[:2])
-                 | {"hook_normalized_resid_post"})
+_ENCODER_ONLY = ((set(ENCODER_EMBED_SITES) | set(ENCODER_FINAL_SITES[:2])
+                  | {"hook_normalized_resid_post"}) - set(EMBED_SITES))   # a decoder may have embed.ln (BLOOM)
 
 # Sites TransformerLens only has when a config flag is set; fxlens materialises
 # them the first time a user asks for one by name.

@@ -25,7 +25,7 @@ LAYOUT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default,
     aten.transpose.int, aten.permute.default, aten.expand.default, aten.t.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-    aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
     aten.chunk.default, aten.unbind.int, aten.contiguous.default, aten.clone.default,
     aten.alias.default, aten.detach.default, aten.flatten.using_ints, aten.unflatten.int,
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
