@@ -162,3 +162,29 @@ def test_cfg_of_uniform_blocks_is_one_value_per_field():
     assert not any(isinstance(v, PerLayer) for v in vars(cfg).values())
     assert cfg.d_mlp == 128 and cfg.num_experts is None and not cfg.use_local_attn and cfg.attn_types is None
     assert len(cfg.layers) == cfg.n_layers and all(layer == cfg.layers[0] for layer in cfg.layers)
+
+
+def test_a_norm_module_called_twice_gives_each_call_its_own_sites():
+    """One norm module applied twice in a block (the llama block's post-attention norm
+    replaced by its input norm: one module path, two calls): ln1 is the norm of
+    resid_pre and ln2 of resid_mid, each its own call's, and the logits stay HF's,
+    raw and processed."""
+    hf = tiny_model("llama")
+    for layer in hf.model.layers:
+        layer.post_attention_layernorm = layer.input_layernorm
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    eps = hf.config.rms_norm_eps
+    # float32 throughout: 1e-5 of the values' scale is rounding, a wrong call's input is O(1) off
+    for load in (fxlens.from_pretrained_no_processing, fxlens.from_pretrained):
+        model = load(hf)
+        logits, cache = model.run_with_cache(ids)
+        torch.testing.assert_close(logits.log_softmax(-1), want.log_softmax(-1), rtol=0, atol=1e-4)
+        if load is fxlens.from_pretrained:
+            continue
+        for L in range(model.cfg.n_layers):
+            for ln, source in (("ln1", "hook_resid_pre"), ("ln2", "hook_resid_mid")):
+                x = cache[f"blocks.{L}.{source}"]
+                rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+                torch.testing.assert_close(cache[f"blocks.{L}.{ln}.hook_normalized"], x * rms, rtol=1e-5, atol=1e-5)
