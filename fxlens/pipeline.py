@@ -1,6 +1,6 @@
 """The compiler pipeline: visible tuples of passes run by one loop.
 
-    FRONT       split_shared_norms, expose_norms, discover_sites
+    FRONT       split_shared_norms, expose_norms, relative_bias, discover_sites
     PROCESSING  fold_ln, center_writing_weights, center_unembed, fold_value_biases
                 (each only when its flag is on; TransformerLens's order)
     BACK        insert_hooks
@@ -35,7 +35,7 @@ from fxlens.frontend.decoder import MASK_INPUT, POSITIONS
 from fxlens.ir.params import ProcessingLog
 from fxlens.passes import (center_unembed, center_writing_weights, expose_norms, fold_ln,
                            fold_value_biases, insert_hooks, kv_decode, kv_prefill, refactor_factored_attn_matrices,
-                           remove_hooks, split_shared_norms)
+                           relative_bias, remove_hooks, split_shared_norms)
 from fxlens.ir.pass_result import PassResult
 from fxlens.discovery.columns import column_maps
 from fxlens.passes.fuse_attention import fuse_attention
@@ -74,6 +74,7 @@ def discover_sites(gm: fx.GraphModule, ctx: Context) -> PassResult:
 FRONT = (
     ("split_shared_norms", lambda gm, ctx: split_shared_norms(gm)),
     ("expose_norms", lambda gm, ctx: expose_norms(gm)),
+    ("relative_bias", lambda gm, ctx: relative_bias(gm)),
     ("discover_sites", discover_sites),
 )
 PROCESSING = (

@@ -31,12 +31,7 @@ ARCHS = sorted(p.parent.name for p in REF.glob("*/hooks.json"))
 # TL hooks fxlens does not yet give TL's tensor for (blocks.L. = every layer), per arch;
 # a "processed:" prefix limits an entry to that mode. The test asserts the failing set is
 # exactly this, so a fix (or a regression) fails until the table says so.
-KNOWN_GAPS: dict[str, dict[str, str]] = {
-    # HF's ALiBi bias is slope_h * key_pos, TransformerLens's slope_h * (key_pos - query_pos):
-    # the scores differ by slope_h * query_pos, one constant per query row, which the
-    # softmax removes (the pattern and everything after it match). Checked below.
-    "bloom": {"blocks.L.attn.hook_attn_scores": "ALiBi offset per query row"},
-}
+KNOWN_GAPS: dict[str, dict[str, str]] = {}
 
 
 def _known_gaps(arch: str, mode: str) -> set[str]:
@@ -97,24 +92,26 @@ def test_every_transformerlens_hook_matches(arch, mode):
     assert layerless == _known_gaps(arch, mode), bad
 
 
-@pytest.mark.parametrize("mode", ["raw", "processed"])
-@pytest.mark.skipif("bloom" not in ARCHS, reason="no BLOOM reference recorded")
-def test_bloom_scores_differ_from_transformerlens_by_one_constant_per_query(mode):
-    """The known gap above, as it is: on every unmasked key of a query row, fxlens's
-    hook_attn_scores minus TransformerLens's is the same number (the ALiBi offset)."""
+def test_bloom_alibi_scores_are_relative_to_the_query():
+    """HF's ALiBi adds slope_h * key_pos to the scores; TransformerLens (and fxlens's
+    hook_attn_scores, after the relative_bias pass) slope_h * (key_pos - query_pos).
+    Without the pass the scores differ from TransformerLens's by one constant per query
+    row (the pattern does not), so this fails if the pass stops matching."""
+    from fxlens.passes import relative_bias
+    gm = _captured("bloom").graph_module()
+    assert relative_bias(gm).matched == 2          # one baddbmm per layer, two layers
+    assert relative_bias(gm).matched == 0          # and the rewrite is not matched again
     tokens = _ref("bloom", "tokens")["tokens"]
-    ref = _ref("bloom", mode)
-    _, cache = _model("bloom", mode).run_with_cache(tokens)
+    ref = _ref("bloom", "raw")
+    _, cache = _model("bloom", "raw").run_with_cache(tokens)
     for L in range(2):
-        name = f"blocks.{L}.attn.hook_attn_scores"
-        want, got = ref[name], cache[name]
-        keep = torch.isfinite(want)                                   # [batch, head, q, k]
-        diff = torch.where(keep, got - want, torch.nan)
-        spread = diff.nan_to_num(float("-inf")).amax(-1) - diff.nan_to_num(float("inf")).amin(-1)
-        # float32 rounding of O(1) scores: 1e-4 of the largest score, as RTOL elsewhere
-        assert spread.abs().max() <= RTOL * want[keep].abs().max(), (name, spread.abs().max())
-        assert diff[..., 1:, 0].abs().min() > 0    # a real offset (query rows past the first)
-        assert rel_err(cache[f"blocks.{L}.attn.hook_pattern"], ref[f"blocks.{L}.attn.hook_pattern"]) <= RTOL
+        want, got = ref[f"blocks.{L}.attn.hook_attn_scores"], cache[f"blocks.{L}.attn.hook_attn_scores"]
+        keep = torch.isfinite(want)
+        assert rel_err(got[keep], want[keep]) <= RTOL
+        # at key = query the ALiBi term is 0: the score is q.k / sqrt(d_head) alone
+        q, k = cache[f"blocks.{L}.attn.hook_q"], cache[f"blocks.{L}.attn.hook_k"]   # [b, s, h, d]
+        qk = torch.einsum("bshd,bshd->bhs", q, k) / q.shape[-1] ** 0.5
+        assert rel_err(torch.diagonal(got, dim1=-2, dim2=-1), qk) <= RTOL
 
 
 @pytest.mark.parametrize("mode", ["raw", "processed"])

@@ -36,7 +36,7 @@ import torch.fx as fx
 from fxlens.errors import UnmappableModelError
 from fxlens.ir.graph import (HANDLES, MATMUL_OPS, SOFTMAX_OPS, add_handle, ancestors, is_layout,
                              is_scalar_scale, layout_closure, linear_parts, module_path, module_paths,
-                             output_node, same_size, shape, tensor_inputs, topo_index, val, walk_back)
+                             output_node, position_bias, same_size, shape, tensor_inputs, topo_index, val, walk_back)
 from fxlens.ir.hook_points import Layout
 from fxlens.discovery.names import EXPERT_SITES, block_name
 from fxlens.ir.trace import CASTS
@@ -511,8 +511,7 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     n_kv = chosen["k"][1].heads
 
     # ALiBi: QK^T added (baddbmm) to a bias made from positions alone, no embedding upstream
-    alibi = scores_mm.target is aten.baddbmm.default and not any(
-        a.target is aten.embedding.default for a in ancestors(scores_mm.args[0]))
+    alibi = position_bias(scores_mm) is not None
 
     # rotary: a computation between the projection and QK^T
     rotary = False

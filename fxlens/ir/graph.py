@@ -223,6 +223,17 @@ def ancestors(node: fx.Node, keep=lambda n: True) -> set[fx.Node]:
     return seen
 
 
+def position_bias(mm: fx.Node) -> fx.Node | None:
+    """The bias a `baddbmm` adds to QK^T when it is made from positions alone (no
+    embedding upstream): ALiBi (BLOOM). None for any other matmul or bias."""
+    if mm.target is not aten.baddbmm.default:
+        return None
+    bias = mm.args[0]
+    if not isinstance(bias, fx.Node) or any(a.target is aten.embedding.default for a in ancestors(bias)):
+        return None
+    return bias
+
+
 def layout_closure(start: fx.Node) -> list[fx.Node]:
     """`start` and every node reachable from it through layout ops only."""
     out, todo, seen = [], [start], set()
