@@ -51,3 +51,35 @@ def test_lengths_outside_the_exported_range_get_their_own_graph():
     assert list(model._length_graphs) == [(0, 1)]   # one graph for length 1, reused for batch 1 and 2
     from fxlens.tools.dump import render
     assert "capture: dynamic (seq 2..128" in render(model.graph_module, "txt")
+
+
+def test_heads_folded_into_the_batch_softmax():
+    """XGLM (like TrOCR, MVP) softmaxes [batch*head, query, key] scores between two
+    bmms: the pattern is that softmax shown as [batch, head, query, key], equal to
+    HF's attentions; the scores (the [batch, head, query, key] value before the
+    fold, mask added) softmax to it; a pattern hook's return value is what
+    pattern@V reads."""
+    hf = support_matrix.tiny_model("xglm")
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = hf(ids, use_cache=False, output_attentions=True)
+    model = fxlens.from_pretrained_no_processing(hf)
+    logits, cache = model.run_with_cache(ids)
+    # float32 rounding, ~1e-7 of the log-probs in the sweep
+    assert support_matrix.rel_err(logits.log_softmax(-1), out.logits.log_softmax(-1)) <= 1e-4
+    for L, want in enumerate(out.attentions):
+        got = cache[f"blocks.{L}.attn.hook_pattern"]
+        assert got.shape == want.shape == (2, model.cfg.n_heads, 7, 7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cache[f"blocks.{L}.attn.hook_attn_scores"].softmax(-1), want,
+                                   rtol=1e-5, atol=1e-6)
+    # a uniform pattern over the causal prefix: z becomes the mean of the values so far
+    def uniform(p, hook):
+        return torch.tril(torch.ones_like(p)) / torch.arange(1, p.shape[-1] + 1, dtype=p.dtype)[:, None]
+
+    seen = {}
+    model.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", uniform),
+                                         ("blocks.0.attn.hook_v", lambda v, hook: seen.setdefault("v", v)),
+                                         ("blocks.0.attn.hook_z", lambda z, hook: seen.setdefault("z", z))])
+    mean_v = seen["v"].cumsum(1) / torch.arange(1, 8, dtype=seen["v"].dtype)[None, :, None, None]
+    torch.testing.assert_close(seen["z"], mean_v, rtol=1e-5, atol=1e-6)

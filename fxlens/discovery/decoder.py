@@ -213,14 +213,34 @@ def nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
     return [n for n in graph.nodes if path in module_paths(n)]
 
 
+def folded_heads(size, batch) -> int:
+    """h where `size` is batch * h for a constant h (heads folded into the batch), else 0."""
+    if isinstance(size, int) and isinstance(batch, int):
+        return size // batch if batch and size % batch == 0 and size > batch else 0
+    if not isinstance(size, torch.SymInt) or not isinstance(batch, torch.SymInt):
+        return 0
+    ratio = size.node.expr / batch.node.expr
+    return int(ratio) if ratio.is_Integer and int(ratio) > 1 else 0
+
+
+def _softmax_heads(g: "ShapedGraph", n: fx.Node) -> int | None:
+    """For an attention softmax: its heads if they are folded into the batch
+    ([batch*head, query, key] scores, normalised by a bmm layout: XGLM, TrOCR), 0
+    for [batch, head, query, key]; None for any other softmax (an MoE router's)."""
+    s = shape(n) if n.op == "call_function" and n.target in SOFTMAX_OPS else None
+    if not s or not same_size(s[-2], g.seq) or n.args[1] not in (-1, len(s) - 1):
+        return None
+    if len(s) == 4 and same_size(s[0], g.batch):
+        return 0
+    if len(s) == 3 and same_size(s[-1], g.seq) and folded_heads(s[0], g.batch):
+        return folded_heads(s[0], g.batch)
+    return None
+
+
 def _attention_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
-    """Softmaxes over [batch, head, query, key] scores (not an MoE router's)."""
-    out = []
-    for n in nodes:
-        s = shape(n) if n.op == "call_function" and n.target in SOFTMAX_OPS else None
-        if s and len(s) == 4 and same_size(s[0], g.batch) and same_size(s[-2], g.seq):
-            out.append(n)
-    return out
+    """Softmaxes over [batch, head, query, key] scores, or [batch*head, query, key]
+    ones (see `_softmax_heads`); not an MoE router's."""
+    return [n for n in nodes if _softmax_heads(g, n) is not None]
 
 
 def find_blocks(g: ShapedGraph) -> list[tuple[int, str]]:
@@ -477,8 +497,21 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     n_heads = g.heads(z_mm, d_head)
     if not n_heads:
         raise _fail(f"attention {attn}", f"pattern@V of shape {shape(z_mm)}", "a [batch, head, pos, d_head] product")
-    sites.add(name("attn.hook_attn_scores"), scores, Layout("scores"))
-    sites.add(name("attn.hook_pattern"), softmax)
+    folded = _softmax_heads(g, softmax)
+    if folded:
+        # heads folded into the batch ([batch*head, query, key]): the scores are
+        # the [batch, head, query, key] value behind the bmm layout where there is one
+        # (the mask added after a view), and both show TransformerLens's layout
+        shaped = [n for n in walk_back(scores, is_layout) if len(shape(n) or ()) == 4
+                  and same_size(shape(n)[0], g.batch) and shape(n)[1] == folded]
+        if shaped:
+            sites.add(name("attn.hook_attn_scores"), shaped[0], Layout("scores"))
+        else:
+            sites.add(name("attn.hook_attn_scores"), scores, Layout("folded_scores", folded))
+        sites.add(name("attn.hook_pattern"), softmax, Layout("folded", folded))
+    else:
+        sites.add(name("attn.hook_attn_scores"), scores, Layout("scores"))
+        sites.add(name("attn.hook_pattern"), softmax)
     sites.add(name("attn.hook_z"), z_mm, g.head_layout(z_mm, d_head))
 
     # --- projections and q/k/v -------------------------------------------------

@@ -30,6 +30,8 @@ class Layout:
     kind: "same" | "bhsd" ([b, h, s, d] <-> [b, s, h, d]) | "flat" ([b, s, h*d]
     <-> [b, s, h, d]) | "scores" (additive mask -> -inf, like TransformerLens) |
     "batch" ([1, s, d] broadcast over the batch, for position embeddings) |
+    "folded" ([b*h, q, k] <-> [b, h, q, k]: scores or pattern with the heads folded
+    into the batch for a bmm, XGLM's) | "folded_scores" (that, and "scores"'s mask) |
     "tokens" ([b*s, d] <-> [b, s, d], where a model flattens batch and pos) |
     "squeeze3" ([b, s, h, 1, d] <-> [b, s, h, d], Falcon's grouped k/v) |
     "rows" ([b, s, h, d] <-> [b*s*h, d]: a per-head q/k norm, which TransformerLens
@@ -77,7 +79,9 @@ class Layout:
             return x.unflatten(-1, (self.heads, self.d_head))
         if self.kind == "squeeze3":
             return x.squeeze(3)
-        if self.kind == "scores":
+        if self.kind in ("folded", "folded_scores"):
+            x = x.unflatten(0, (-1, self.heads))
+        if self.kind in ("scores", "folded_scores"):
             # HF adds the dtype's minimum at masked positions; TransformerLens shows -inf
             return x.masked_fill(x <= torch.finfo(x.dtype).min / 2, float("-inf"))
         if self.kind == "tokens":
@@ -91,10 +95,14 @@ class Layout:
         return x
 
     def _from_tl(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if self.kind == "scores" and y.is_floating_point():
+        if self.kind in ("scores", "folded_scores") and y.is_floating_point():
             # -inf (masked) back to the dtype's minimum: a row masked throughout (a
             # pad query) then softmaxes to finite values instead of NaN
-            return y.clamp_min(torch.finfo(y.dtype).min)
+            y = y.clamp_min(torch.finfo(y.dtype).min)
+        if self.kind in ("folded", "folded_scores"):
+            return y.flatten(0, 1)
+        if self.kind == "scores":
+            return y
         if self.kind == "bhsd":
             return y.transpose(1, 2)
         if self.kind == "flat":
