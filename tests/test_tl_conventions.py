@@ -218,6 +218,10 @@ CFG_GAPS = {
     "bloom": {"act_fn": "BLOOM's config names no activation (its MLP hard-codes the tanh GELU, which TL "
                         "knows by architecture); fxlens reads act_fn from the config and leaves it None"},
     "olmo2": {"use_qk_norm": "TL keys OLMo 2's q/k norms off the architecture name and leaves the flag False"},
+    "mistral": {"n_ctx": "TL caps Mistral at 2048 whatever the checkpoint says; fxlens reads the checkpoint (128)"},
+    "olmoe": {"use_qk_norm": "TL keys OLMoE's q/k norms off the architecture name and leaves the flag False",
+              "n_key_value_heads": "TL's OLMoE config leaves it None (one k/v head per head); fxlens writes "
+                                   "the count, 4 = n_heads, as TL does for OLMo"},
 }
 
 
