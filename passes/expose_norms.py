@@ -2,8 +2,9 @@
 
 Matches
   - `aten.layer_norm(x, [d], w, b, eps)` (LayerNorm, one node), and
-  - `mul(x, rsqrt(mean(x*x, -1) + eps))` (the RMSNorm chain; the weight, or
-    Gemma's `1 + w`, is applied by later nodes that stay as they are), and
+  - `mul(x, rsqrt(mean(x*x, -1) + eps))` (the RMSNorm chain, rsqrt also spelt
+    `pow(., -0.5)` as Gemma 4 does; the weight, or Gemma's `1 + w`, is applied by
+    later nodes that stay as they are), and
   - `aten.rms_norm(x, [d], w, eps)`.
 Rewrites
   layer_norm(x)           -> c = x - mean(x); scale = sqrt(mean(c*c) + eps);
@@ -97,11 +98,13 @@ def _is_mean_square_of(node, x) -> bool:
 
 
 def _match_rms_chain(mul: fx.Node):
-    """mul(x, rsqrt(add(mean(x*x), eps))) -> (x, var_eps) or None."""
+    """mul(x, rsqrt(add(mean(x*x), eps))) -> (x, var_eps, rsqrt) or None; Gemma 4
+    spells rsqrt as pow(., -0.5)."""
     if mul.target is not aten.mul.Tensor or len(mul.args) != 2:
         return None
     for x, r in (mul.args, mul.args[::-1]):
-        if isinstance(r, fx.Node) and r.target is aten.rsqrt.default:
+        if isinstance(r, fx.Node) and (r.target is aten.rsqrt.default
+                                       or (r.target is aten.pow.Tensor_Scalar and r.args[1] == -0.5)):
             var_eps = r.args[0]
             if isinstance(var_eps, fx.Node) and var_eps.target is aten.add.Tensor:
                 if any(_is_mean_square_of(a, x) for a in var_eps.args):

@@ -83,3 +83,59 @@ def test_heads_folded_into_the_batch_softmax():
                                          ("blocks.0.attn.hook_z", lambda z, hook: seen.setdefault("z", z))])
     mean_v = seen["v"].cumsum(1) / torch.arange(1, 8, dtype=seen["v"].dtype)[None, :, None, None]
     torch.testing.assert_close(seen["z"], mean_v, rtol=1e-5, atol=1e-6)
+
+
+def _hf_outputs(hf, ids, modules: dict) -> dict:
+    """HF's values: each named module's output (or its input, for a key ending in '<')."""
+    got, handles = {}, []
+    for key, mod in modules.items():
+        inp = key.endswith("<")
+        handles.append(mod.register_forward_hook(
+            lambda m, a, o, key=key, inp=inp: got.__setitem__(key, (a[0] if inp else o).detach())))
+    try:
+        with torch.no_grad():
+            out = hf(ids, use_cache=False, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return {**got, "hidden": out.hidden_states, "logits": out.logits}
+
+
+def test_gemma4_post_norms_per_layer_branch_and_layer_gain():
+    """Gemma 4 (issue 10): RMSNorms spelt x * pow(mean(x^2) + eps, -0.5) are norms
+    (ln1/ln1_post/ln2/ln2_post, the weightless v norm), a per-layer-input branch after
+    the MLP is extra_out (not the MLP: hook_post is the MLP's), and the learned
+    layer_scalar ending the block leaves resid_post = gain * (resid_mid2 + extra_out)."""
+    hf = support_matrix.tiny_model("gemma4_text")
+    gains = (0.7, 1.3)
+    with torch.no_grad():
+        for layer, gain in zip(hf.model.layers, gains):
+            layer.layer_scalar.fill_(gain)     # 1 at init: set off it so the gain shows
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(2))
+    lay = hf.model.layers[0]
+    want = _hf_outputs(hf, ids, {"attn_out": lay.post_attention_layernorm, "mlp_out": lay.post_feedforward_layernorm,
+                                 "post<": lay.mlp.down_proj, "extra": lay.post_per_layer_input_norm,
+                                 "v_norm": lay.self_attn.v_norm})
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    logits, cache = model.run_with_cache(ids)
+    # float32 rounding stays ~1e-6 of each value's size; a wrong site is off by O(1)
+    close = lambda got, ref: (got - ref).abs().max() <= 1e-5 * ref.abs().max()  # noqa: E731
+    assert close(logits.log_softmax(-1), want["logits"].log_softmax(-1))
+    b = lambda s: cache[f"blocks.0.{s}"]  # noqa: E731
+    assert close(b("hook_attn_out"), want["attn_out"]) and close(b("hook_mlp_out"), want["mlp_out"])
+    assert close(b("mlp.hook_post"), want["post<"]) and close(b("hook_extra_out"), want["extra"])
+    # the weightless v norm's output is its normalized value, as [b*s*h, d_head] rows like q/k norms'
+    assert close(b("attn.v_norm.hook_normalized"), want["v_norm"].reshape(-1, want["v_norm"].shape[-1]))
+    for L, gain in enumerate(gains):
+        b = lambda s: cache[f"blocks.{L}.{s}"]  # noqa: E731
+        assert torch.allclose(b("hook_resid_pre") + b("hook_attn_out"), b("hook_resid_mid"), atol=1e-6)
+        assert torch.allclose(b("hook_resid_mid") + b("hook_mlp_out"), b("hook_resid_mid2"), atol=1e-6)
+        assert torch.allclose(gain * (b("hook_resid_mid2") + b("hook_extra_out")), b("hook_resid_post"), atol=1e-5)
+        assert torch.allclose(gain * b("hook_resid_unscaled"), b("hook_resid_post"), atol=1e-5)
+        assert close(b("hook_resid_pre"), want["hidden"][L])
+    assert close(cache["blocks.0.hook_resid_post"], want["hidden"][1])
+    for site in ("ln1", "ln1_post", "ln2", "ln2_post"):
+        assert f"blocks.1.{site}.hook_normalized" in cache
+    processed = fxlens.from_pretrained(hf, self_check=False)
+    with torch.no_grad():
+        assert close(processed(ids).log_softmax(-1), want["logits"].log_softmax(-1))

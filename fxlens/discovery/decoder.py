@@ -18,6 +18,13 @@ How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
   attn_out      the attention's output projection, followed through dropout and
                 any post-norm to the residual add; mlp_out likewise
   resid_mid     that add, when the MLP reads it (absent for parallel blocks)
+  resid_mid2 / extra_out
+                a branch joined to the stream after the MLP's add (Gemma 4's
+                per-layer-input branch): its output as added is extra_out, the
+                stream it joins (resid_mid + mlp_out) resid_mid2
+  resid_unscaled
+                the stream before a one-element learned gain that ends the block
+                (Gemma 4's layer_scalar): resid_post = gain * resid_unscaled
   ln1 / ln2     the norm feeding the attention / MLP projections (a sublayer
                 with only a norm after it: that norm; else it is ln1_post / ln2_post)
   mlp pre/post  post = the output projection's input; pre = the nearest
@@ -564,14 +571,15 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
         sites.add(name(f"attn.hook_rot_{role}"), rot, lay)
         rotary = True
 
-    # q/k norms inside the attention (Qwen3, Gemma 3 per head; OLMo 2 over [b, s, h*d])
+    # q/k/v norms inside the attention (Qwen3, Gemma 3 per head; OLMo 2 over [b, s, h*d];
+    # Gemma 4's weightless v norm): a norm on the path of exactly one of q, k, v
     for path, norm in norms.items():
         if not path.startswith(attn + "."):
             continue
-        on = {role: norm["normalized"] in anc[role] for role in "qk"}
-        if on["q"] == on["k"]:
+        on = [role for role in "qkv" if norm["normalized"] in anc[role]]
+        if len(on) != 1:
             continue
-        role = "q" if on["q"] else "k"
+        role = on[0]
         per_head = g.head_layout(norm["normalized"], d_head)
         if per_head is not None and per_head.kind in ("same", "bhsd"):
             # TransformerLens normalises the [b*s*h, d_head] rows
@@ -621,6 +629,13 @@ def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: Atte
             children.setdefault(c, []).append(n)
     if not children:
         raise _fail(f"block {bpath}", "no linear outside the attention", "an MLP")
+    attn_add = _resid_add(attn.out)
+    nxt = _next_resid_add(g, attn_add, bset, attn.d_model) if attn_add is not None else None
+    if len(children) > 1 and nxt is not None:
+        # a branch after the MLP's residual add (Gemma 4's per-layer-input branch) is
+        # not the MLP: keep the children read between the attention's add and the next
+        later = _descendants(nxt, bset) | {nxt}
+        children = {c: ns for c, ns in children.items() if not all(n in later for n in ns)} or children
     if len(children) == 1:
         mlp = next(iter(children))
         mnodes = nodes_of(mlp)
@@ -810,7 +825,7 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
             sites.add(name(f"{tag}.hook_normalized"), norms[norm]["normalized"])
 
     # sequential blocks: the MLP reads resid_mid = resid_pre + attn_out
-    resid_add = next((u for u in attn_out.users if u.target in (aten.add.Tensor, aten.add_.Tensor)), None)
+    resid_add = _resid_add(attn_out)
     if resid_add is None:
         raise _fail(f"block {bpath}", f"attention output {attn_out.name} used by {list(attn_out.users)}",
                     "the add that joins it to the residual stream")
@@ -823,10 +838,87 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     if not parallel:
         sites.add(name("hook_resid_mid"), resid_add)
     sites.add(name("hook_mlp_out"), mlp.out)
+    mlp_add = _resid_add(mlp.out)
+    if mlp_add is None:
+        raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} used by {list(mlp.out.users)}",
+                    "the add that joins it to the residual stream")
+    other = [a for a in mlp_add.all_input_nodes if a is not mlp.out]
+    if not parallel and (len(other) != 1 or walk_back(other[0], lambda n: n.target in CASTS or is_layout(n))[-1]
+                         is not resid_add):
+        # Gemma 4's MoE block sums a dense MLP and routed experts, each normed, before the residual add
+        raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} added to {[a.name for a in other]}, not to "
+                    f"the residual stream {resid_add.name} (two MLP branches summed before the residual add?)",
+                    "the add that joins the MLP to the residual stream")
+    # Gemma 4: a per-layer-input branch after the MLP and a learned gain on the whole
+    # stream; resid_post = gain * (resid_mid2 + extra_out), resid_mid2 = resid_mid + mlp_out
+    extra, unscaled = _block_tail(g, bpath, mlp_add, resid_post, bset, d_model)
+    if extra is not None:
+        sites.add(name("hook_resid_mid2"), mlp_add)
+        sites.add(name("hook_extra_out"), extra)
+    if unscaled is not None:
+        sites.add(name("hook_resid_unscaled"), unscaled)
     sites.add(name("hook_resid_post"), resid_post)
 
     return block_spec(sites, layer, bpath, att, mlp, resid_pre, None if parallel else resid_add,
                       ln1=ln1, ln2=ln2, ln1_post=att.post_norm, ln2_post=mlp.post_norm, parallel=parallel)
+
+
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+def _resid_add(branch_out: fx.Node) -> fx.Node | None:
+    """The add joining a branch output to the residual stream."""
+    return next((u for u in branch_out.users if u.target in _ADDS), None)
+
+
+def _next_resid_add(g: ShapedGraph, stream: fx.Node, bset: set, d_model) -> fx.Node | None:
+    """The first add after `stream` (a residual-stream value) that joins it to a
+    branch computed in the block: the next sublayer's residual add."""
+    adds = [u for u in stream.users if u in bset and u.target in _ADDS and g.is_resid(u, d_model)
+            and all(a is stream or a in bset for a in u.all_input_nodes)]
+    return min(adds, key=g.order.__getitem__) if adds else None
+
+
+def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
+    """`stream * c` with c a one-element parameter or buffer, through casts
+    (Gemma 4's layer_scalar)."""
+    if node.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(node.args) != 2 or stream not in node.args:
+        return False
+    other = node.args[1] if node.args[0] is stream else node.args[0]
+    if not isinstance(other, fx.Node):
+        return isinstance(other, (int, float))
+    src = walk_back(other, lambda n: n.target in CASTS or is_layout(n))[-1]
+    return src.op == "get_attr" and val(src) is not None and val(src).numel() == 1
+
+
+def _block_tail(g: ShapedGraph, bpath: str, mlp_add: fx.Node, resid_post: fx.Node, bset: set,
+                d_model) -> tuple[fx.Node | None, fx.Node | None]:
+    """From the MLP's residual add to the block output: at most one more branch
+    joined by an add (returns its output, what is added) and then at most one
+    one-element gain on the stream (returns the stream before it). Anything else
+    is refused: TransformerLens's resid_post = resid_mid + mlp_out would not hold."""
+    extra = unscaled = None
+    cur = mlp_add
+    while cur is not resid_post:
+        steps = [u for u in cur.users if u in bset and g.is_resid(u, d_model)
+                 and (u.target in _ADDS or _is_gain(u, cur) or u.target in CASTS or is_layout(u))]
+        if len(steps) != 1:
+            raise _fail(f"block {bpath}", f"residual stream {cur.name} after the MLP used by "
+                        f"{[u.name for u in cur.users]}", "one path from the MLP's residual add to the block output")
+        u = steps[0]
+        if u.target in _ADDS:
+            if extra is not None or unscaled is not None:
+                raise _fail(f"block {bpath}", f"a second branch ({u.name}) after the MLP", "at most one")
+            branch = [a for a in u.all_input_nodes if a is not cur]
+            if len(branch) != 1 or branch[0] not in bset:
+                raise _fail(f"block {bpath}", f"add {u.name} after the MLP", "a branch computed in the block")
+            extra = branch[0]
+        elif _is_gain(u, cur):
+            if unscaled is not None:
+                raise _fail(f"block {bpath}", f"a second gain ({u.name}) on the residual stream", "at most one")
+            unscaled = cur
+        cur = u
+    return extra, unscaled
 
 
 def _branch_nodes(linears: list, allowed: set, norms: dict) -> list:

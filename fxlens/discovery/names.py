@@ -20,6 +20,7 @@ BLOCK_SITES = (
     "ln1.hook_scale", "ln1.hook_normalized",
     "attn.hook_q", "attn.hook_k", "attn.hook_v",
     "attn.q_norm.hook_scale", "attn.q_norm.hook_normalized", "attn.k_norm.hook_scale", "attn.k_norm.hook_normalized",
+    "attn.v_norm.hook_scale", "attn.v_norm.hook_normalized",
     "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
     "ln1_post.hook_scale", "ln1_post.hook_normalized",
     "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
@@ -27,7 +28,11 @@ BLOCK_SITES = (
     "mlp.hook_expert_weights", "mlp.hook_expert_indices",   # then mlp.experts.E.* (EXPERT_SITES)
     "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
     "ln2_post.hook_scale", "ln2_post.hook_normalized",
-    "hook_mlp_out", "hook_resid_post",
+    "hook_mlp_out",
+    # not TransformerLens's: a branch after the MLP and a gain ending the block (Gemma 4),
+    # resid_post = gain * (resid_mid2 + extra_out), resid_mid2 = resid_mid + mlp_out
+    "hook_resid_mid2", "hook_extra_out", "hook_resid_unscaled",
+    "hook_resid_post",
 )
 
 # each routed expert's sites, mlp.experts.E.<site>, in the order TransformerLens runs them
