@@ -544,6 +544,14 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             h = shape(flat[0])[-1] // d_head
             chosen[role] = (flat[0], Layout("flat", h, d_head))
             continue
+        router = next((n for n in g.order if n in anc[role] and n not in excl and n.target is aten.topk.default),
+                      None)
+        if router is not None:
+            # JetMoE's mixture of attention heads: each token's query comes from the
+            # experts a router picks, no one projection TransformerLens's W_Q could be
+            raise _fail(f"attention {attn}", f"the {role} value computed by routed attention experts (a topk "
+                        f"router, {router.name}, picks each token's {role} projection: mixture of attention heads)",
+                        f"a {role} projection shared by every token")
         raise _fail(f"attention {attn}", f"{len(projs)} projection(s)", f"the {role} value per head")
     for role in "qkv":
         sites.add(name(f"attn.hook_{role}"), *chosen[role])
