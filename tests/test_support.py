@@ -139,3 +139,18 @@ def test_gemma4_post_norms_per_layer_branch_and_layer_gain():
     processed = fxlens.from_pretrained(hf, self_check=False)
     with torch.no_grad():
         assert close(processed(ids).log_softmax(-1), want["logits"].log_softmax(-1))
+
+
+# structures refused with what was found (issue 10): the reason names the structure
+REFUSED = {
+    "jetmoe": "routed attention experts",       # mixture of attention heads: q from routed experts
+    "diffllama": "differential attention",      # (softmax_1 - lambda * softmax_2) @ V
+    "dory": "recurrent section reusing its layers",   # the same block module called per loop
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_refused_structure_is_named(model_type):
+    hf = support_matrix.tiny_model(model_type)
+    with pytest.raises(fxlens.UnmappableModelError, match=REFUSED[model_type]):
+        fxlens.from_pretrained_no_processing(hf, self_check=False)

@@ -478,7 +478,7 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     bset = set(bnodes)
     softmax = _attention_softmaxes(g, bnodes)
     if len(softmax) != 1:
-        raise _fail(f"block {bpath}", f"{len(softmax)} attention softmax nodes", "exactly one")
+        raise _several_softmaxes(g, bpath, softmax, bset)
     softmax = softmax[0]
     attn = _child(bpath, softmax)
     anodes = nodes_of(attn)
@@ -611,6 +611,36 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
                           o_proj=o_proj, out=attn_out, post_norm=ln1_post, n_heads=n_heads,
                           n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary,
                           alibi=alibi)
+
+
+def module_call(node: fx.Node, path: str) -> str | None:
+    """Which call of module `path` made `node`: torch.export keys the nn_module_stack
+    entry of a module's second call '<key>@1', its third '<key>@2', ..."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next((k for k, v in stack.items() if v[0] == path), None)
+
+
+def _several_softmaxes(g: ShapedGraph, bpath: str, softmaxes: list, bset: set) -> UnmappableModelError:
+    """The refusal of a block holding more than one attention softmax, naming the
+    structure found from provenance and dataflow."""
+    calls = list(dict.fromkeys(module_call(n, bpath) for n in softmaxes))
+    if len(calls) > 1:
+        # Dory, HRM: a recurrent section runs the same layers several times per forward
+        return _fail(f"block {bpath}", f"{len(softmaxes)} attention softmax nodes made by {len(calls)} calls of the "
+                     f"block module: a recurrent section reusing its layers",
+                     "one call per block (TransformerLens's blocks each run once per forward)")
+    if len(softmaxes) == 2:
+        zs = [_nearest(sm, bset, lambda n: n.target in MATMUL_OPS, back=False) for sm in softmaxes]
+        if all(z is not None for z in zs):
+            common = (_descendants(zs[0], bset) | {zs[0]}) & (_descendants(zs[1], bset) | {zs[1]})
+            sub = next((n for n in g.order if n in common and n.target is aten.sub.Tensor), None)
+            if sub is not None:
+                # DiffLlama: (softmax_1 - lambda * softmax_2) @ V, head pair by head pair
+                return _fail(f"block {bpath}", f"2 attention softmax nodes ({softmaxes[0].name}, "
+                             f"{softmaxes[1].name}) whose pattern@V products are combined by a subtraction "
+                             f"({sub.name}): differential attention, p1 - lambda * p2",
+                             "one softmax pattern per head (TransformerLens has no site for the second)")
+    return _fail(f"block {bpath}", f"{len(softmaxes)} attention softmax nodes", "exactly one")
 
 
 def block_input(g: ShapedGraph, bpath: str, bnodes: list, d_model) -> fx.Node:
