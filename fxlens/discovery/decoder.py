@@ -876,25 +876,23 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     if not parallel:
         sites.add(name("hook_resid_mid"), resid_add)
     sites.add(name("hook_mlp_out"), mlp.out)
-    mlp_add = _resid_add(mlp.out)
-    if mlp_add is None:
-        raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} used by {list(mlp.out.users)}",
-                    "the add that joins it to the residual stream")
-    other = [a for a in mlp_add.all_input_nodes if a is not mlp.out]
-    if not parallel and (len(other) != 1 or walk_back(other[0], lambda n: n.target in CASTS or is_layout(n))[-1]
-                         is not resid_add):
-        # Gemma 4's MoE block sums a dense MLP and routed experts, each normed, before the residual add
-        raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} added to {[a.name for a in other]}, not to "
-                    f"the residual stream {resid_add.name} (two MLP branches summed before the residual add?)",
-                    "the add that joins the MLP to the residual stream")
-    # Gemma 4: a per-layer-input branch after the MLP and a learned gain on the whole
-    # stream; resid_post = gain * (resid_mid2 + extra_out), resid_mid2 = resid_mid + mlp_out
-    extra, unscaled = _block_tail(g, bpath, mlp_add, resid_post, bset, d_model)
-    if extra is not None:
-        sites.add(name("hook_resid_mid2"), mlp_add)
-        sites.add(name("hook_extra_out"), extra)
-    if unscaled is not None:
-        sites.add(name("hook_resid_unscaled"), unscaled)
+    if not parallel:
+        # Gemma 4: a per-layer-input branch after the MLP and a learned gain on the whole
+        # stream; resid_post = gain * (resid_mid2 + extra_out), resid_mid2 = resid_mid + mlp_out
+        # (a parallel block's adds -- attn_out + mlp_out + resid_pre -- are left as they are)
+        mlp_add = _resid_add(mlp.out)
+        other = [a for a in mlp_add.all_input_nodes if a is not mlp.out] if mlp_add is not None else []
+        if len(other) != 1 or walk_back(other[0], lambda n: n.target in CASTS or is_layout(n))[-1] is not resid_add:
+            # Gemma 4's MoE block sums a dense MLP and routed experts, each normed, before the residual add
+            raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} added to {[a.name for a in other]}, not to "
+                        f"the residual stream {resid_add.name} (two MLP branches summed before the residual add?)",
+                        "the add that joins the MLP to the residual stream")
+        extra, unscaled = _block_tail(g, bpath, mlp_add, resid_post, bset, d_model)
+        if extra is not None:
+            sites.add(name("hook_resid_mid2"), mlp_add)
+            sites.add(name("hook_extra_out"), extra)
+        if unscaled is not None:
+            sites.add(name("hook_resid_unscaled"), unscaled)
     sites.add(name("hook_resid_post"), resid_post)
 
     return block_spec(sites, layer, bpath, att, mlp, resid_pre, None if parallel else resid_add,
