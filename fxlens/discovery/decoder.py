@@ -250,12 +250,44 @@ def _attention_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
     return [n for n in nodes if _softmax_heads(g, n) is not None]
 
 
+# ops that mix positions without attention, named in a refusal
+_SEQUENCE_MIXERS = {aten.conv1d.default, aten.convolution.default, aten.cumsum.default,
+                    aten.logsumexp.default, aten._log_softmax.default, aten.log_softmax.int}
+
+
+def _no_attention(g: ShapedGraph) -> UnmappableModelError:
+    """Why no attention softmax was found: a fused kernel (SDPA), softmaxes over
+    other positions than the input's (a prefix the model prepends), or no
+    attention at all (positions mixed by convolutions)."""
+    sdpa = [n for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
+    if sdpa:
+        return _fail("attention", f"{len(sdpa)} fused attention node(s) and no softmax",
+                     "an explicit attention softmax (load the model with attn_implementation='eager')")
+    soft = [n for n in g.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS
+            and len(shape(n) or ()) >= 3 and same_size(shape(n)[0], g.batch)]
+    if soft:
+        s = shape(soft[0])
+        more = s[-2] - g.seq
+        return _fail("attention", f"{len(soft)} softmax node(s) over {list(s)} scores, "
+                     f"{s[-2]} queries by {s[-1]} keys where the input has {g.seq} positions "
+                     f"(the blocks run on {more} positions more than the input: a prefix the model adds)",
+                     "attention over the input's positions")
+    mixers = {}
+    for n in g.graph.nodes:
+        if n.op == "call_function" and n.target in _SEQUENCE_MIXERS \
+                and any(part.isdigit() for part in module_path(n).split(".")):   # in a block
+            mixers.setdefault(getattr(n.target, "__name__", str(n.target)), module_path(n))
+    mixed = (f"; positions are mixed by {', '.join(f'{op} (in {p})' for op, p in mixers.items())}"
+             if mixers else "")
+    return _fail("attention", f"no softmax and no fused attention node in the graph{mixed}",
+                 "an attention softmax node (a recurrent or convolutional model, a softmax computed as "
+                 "exp(x - logsumexp(x)), or a config without attention layers)")
+
+
 def find_blocks(g: ShapedGraph) -> list[tuple[int, str]]:
     softmaxes = _attention_softmaxes(g, g.graph.nodes)
     if not softmaxes:
-        sdpa = [n for n in g.graph.nodes if "scaled_dot_product" in str(n.target)]
-        raise _fail("attention", f"{len(sdpa)} fused attention node(s) and no softmax",
-                    "an explicit attention softmax (load the model with attn_implementation='eager')")
+        raise _no_attention(g)
     lists: dict[str, set[int]] = {}
     for n in softmaxes:
         for p in module_paths(n):
@@ -470,6 +502,68 @@ class MlpSites:
     moe: bool
 
 
+def _is_product(n: fx.Node) -> bool:
+    """A matmul (matmul, bmm, baddbmm), or an einsum of two tensors."""
+    if n.op != "call_function":
+        return False
+    if n.target is aten.einsum.default:
+        return len(n.args[1]) == 2 and all(isinstance(a, fx.Node) for a in n.args[1])
+    return n.target in MATMUL_OPS
+
+
+def _operands(product: fx.Node) -> tuple:
+    """The two multiplied operands of a `_is_product` node (baddbmm: not the bias)."""
+    if product.target is aten.einsum.default:
+        return tuple(product.args[1])
+    return tuple(product.args[1:3] if product.target is aten.baddbmm.default else product.args[:2])
+
+
+def _describe(n: fx.Node) -> str:
+    eq = f" {n.args[0]!r}" if n.target is aten.einsum.default else ""
+    return f"{n.name} ({getattr(n.target, '__name__', n.target)}{eq}, {list(shape(n) or ())})"
+
+
+def _around(softmax: fx.Node, aset: set) -> str:
+    """What computes a softmax's input and what reads its output, for a refusal."""
+    back = walk_back(softmax.args[0], lambda n: is_layout(n) or is_scalar_scale(n) or n.target in CASTS)[-1]
+    fwd = [u for n in layout_closure(softmax) for u in n.users if not is_layout(u) and u in aset]
+    return f"scores from {_describe(back)} and the pattern read by {[_describe(u) for u in fwd] or 'nothing'}"
+
+
+def _single_stream(g: ShapedGraph, attn: str, aset: set, softmax, scores, scores_mm, z_mm) -> None:
+    """Refuse an attention whose scores or pattern TransformerLens's one stream of
+    QK^T -> softmax -> pattern@V does not hold: another softmax over per-position
+    scores in it (ProphetNet's n-gram stream), or a second product of the queries
+    added to QK^T (Transformer-XL / XLNet's relative-position term)."""
+    others = [n for n in aset if n is not softmax and n.op == "call_function" and n.target in SOFTMAX_OPS
+              and len(shape(n) or ()) >= 3 and same_size(shape(n)[0], g.batch)]
+    if others:
+        raise _fail(f"attention {attn}", f"the attention softmax {_describe(softmax)} and {len(others)} more "
+                    f"({', '.join(_describe(n) for n in others)}): another attention stream",
+                    "one softmax per attention (TransformerLens's hook_pattern has one stream)")
+    q_op = _operands(scores_mm)[0]
+    q_anc = ancestors(q_op, lambda n: n in aset) | {q_op}
+    between = ancestors(scores, lambda n: n in aset and n is not scores_mm) | {scores}
+    extra = [n for n in between if n is not scores_mm and _is_product(n) and scores_mm not in ancestors(n)
+             and any(a in q_anc or (ancestors(a) & q_anc) for a in _operands(n))]
+    if extra:
+        raise _fail(f"attention {attn}", f"QK^T {_describe(scores_mm)} plus a second product of the queries "
+                    f"added to the scores ({', '.join(_describe(n) for n in extra)}: a relative-position term)",
+                    "scores that are QK^T alone (plus a bias that does not read the queries)")
+
+
+def _sibling_entries(g: ShapedGraph, entry: str) -> str:
+    """`entry` (a.b.attentions.3) and the same index in its parent's other module
+    lists (a.b.ffns.3, ...): a layer spread over parallel lists (XLM's)."""
+    lst, _, idx = entry.rpartition(".")
+    parent = lst.rpartition(".")[0]
+    depth = entry.count(".")
+    seen = dict.fromkeys(p for n in g.graph.nodes for p in module_paths(n)
+                         if p.count(".") == depth and p.endswith("." + idx) and p != entry
+                         and p.startswith(parent + "." if parent else ""))
+    return f", its layer spread over parallel module lists ({', '.join([entry, *seen])})" if seen else ""
+
+
 def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of) -> AttentionSites:
     """The attention sites of block `bpath`, wherever its norms sit: attn_scores,
     pattern, z, q/k/v (rot_q/rot_k) and attn_out."""
@@ -481,19 +575,23 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
         raise _several_softmaxes(g, bpath, softmax, bset)
     softmax = softmax[0]
     attn = _child(bpath, softmax)
+    if attn is None:
+        raise _fail(f"block {bpath}", f"the attention softmax in {bpath} itself, the module-list entry"
+                    f"{_sibling_entries(g, bpath)}", "a block module holding the layer's attention and MLP")
     anodes = nodes_of(attn)
     aset = set(anodes)
     inside = lambda n: n in aset  # noqa: E731
 
     # --- attention core: scores -> softmax -> pattern @ v ---------------------
     scores = softmax.args[0]
-    scores_mm = _nearest(scores, aset, lambda n: n.target in MATMUL_OPS, back=True)
-    z_mm = _nearest(softmax, aset, lambda n: n.target in MATMUL_OPS, back=False)
+    scores_mm = _nearest(scores, aset, _is_product, back=True)
+    z_mm = _nearest(softmax, aset, _is_product, back=False)
     if scores_mm is None or z_mm is None:
-        raise _fail(f"attention {attn}", "a softmax", "the QK^T and pattern@V matmuls around it")
-    qk = scores_mm.args[1:3] if scores_mm.target is aten.baddbmm.default else scores_mm.args[:2]
-    q_op, k_op = qk
-    v_op = z_mm.args[1]
+        raise _fail(f"attention {attn}", f"a softmax ({softmax.name}) with {_around(softmax, aset)}",
+                    "the QK^T and pattern@V products around it")
+    _single_stream(g, attn, aset, softmax, scores, scores_mm, z_mm)
+    q_op, k_op = _operands(scores_mm)
+    v_op = _operands(z_mm)[1]
     d_head = shape(z_mm)[-1]
     if not g.heads(z_mm, d_head):
         # heads folded into the batch for a bmm (BLOOM: [batch * head, pos, d_head]):
