@@ -56,7 +56,8 @@ def fold_value_biases(gm, spec, log, maps) -> PassResult:
             # v or z reaches its projection through a value-computing op (a norm, a gate):
             # b_V @ W_O is then not the same at every position, so nothing folds
             if v_proj.bias(gm) is not None:
-                why = "; ".join(f"{r} through {m.unmapped[r]}" for r in ("v", "o") if r in m.unmapped)
+                why = "; ".join([f"{r} through {m.unmapped[r]}" for r in ("v", "o") if r in m.unmapped]
+                                + [m.indirect[r] for r in ("v",) if r in m.indirect])
                 skipped.append(f"block {b.layer}: the value bias is not constant at the output "
                                f"({why}); left as it is")
             continue

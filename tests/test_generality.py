@@ -385,3 +385,96 @@ def test_mlp_sites(runs, arch):
             want = want * need(r, f"blocks.{L}.mlp.hook_pre_linear")
         # 1e-4 x max|post|, float32
         assert_close(post, want, f"{arch} block {L}: mlp post vs act(pre){' * pre_linear' if FEATURES[arch]['gated'] else ''}")
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-head latent attention (DeepSeek-V2's MLA): q through a low-rank latent
+# (q_a -> norm -> q_b), k and v up-projected from one latent (kv_a -> norm -> kv_b),
+# and a rope key made once and expanded to every head, concatenated after the no-rope
+# part. hook_q is q per head (no-rope ++ rope, before rotation), hook_rot_q the
+# rotated q entering QK^T; hook_k is the assembled key entering QK^T (every head's
+# copy of the shared rope part included), so it is also hook_rot_k; hook_v the values.
+# Tolerance: the project's 1e-4 relative (float32 rounding ~1e-7 measured).
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mla():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import support_matrix
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as mod
+    hf = support_matrix.tiny_model("deepseek_v2")
+    tokens = torch.randint(0, hf.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    seen = []   # HF's own q, k, v: the tensors its eager attention multiplies
+    real = mod.eager_attention_forward
+
+    def spy(module, q, k, v, *args, **kwargs):
+        seen.append((q, k, v))
+        return real(module, q, k, v, *args, **kwargs)
+    mod.eager_attention_forward = spy
+    try:
+        with torch.no_grad():
+            want = hf(tokens, use_cache=False).logits
+    finally:
+        mod.eager_attention_forward = real
+    cap = fxlens.capture(hf)
+    model = fxlens.from_pretrained_no_processing(cap)
+    logits, cache = model.run_with_cache(tokens)
+    return dict(hf=hf, mod=mod, tokens=tokens, want=want, hf_qkv=seen, cap=cap, model=model,
+                logits=logits, cache=cache)
+
+
+def test_mla_sites_are_hf_attention_inputs(mla):
+    c = mla["hf"].config
+    assert_close(mla["logits"], mla["want"], "deepseek_v2 logits")
+    assert len(mla["hf_qkv"]) == c.num_hidden_layers
+    for L, (q, k, v) in enumerate(mla["hf_qkv"]):       # HF: [batch, head, pos, d]
+        cache = mla["cache"]
+        assert_close(cache[f"blocks.{L}.attn.hook_rot_q"], q.transpose(1, 2), f"blocks.{L}.attn.hook_rot_q")
+        assert_close(cache[f"blocks.{L}.attn.hook_k"], k.transpose(1, 2), f"blocks.{L}.attn.hook_k")
+        assert_close(cache[f"blocks.{L}.attn.hook_rot_k"], k.transpose(1, 2), f"blocks.{L}.attn.hook_rot_k")
+        assert_close(cache[f"blocks.{L}.attn.hook_v"], v.transpose(1, 2), f"blocks.{L}.attn.hook_v")
+        # hook_q: the no-rope part as it enters QK^T, the rope part before rotation
+        hq, nope = cache[f"blocks.{L}.attn.hook_q"], c.qk_nope_head_dim
+        assert hq.shape == q.transpose(1, 2).shape
+        assert_close(hq[..., :nope], q.transpose(1, 2)[..., :nope], f"blocks.{L}.attn.hook_q (no-rope part)")
+        # rotation leaves position 0 alone
+        assert_close(hq[:, 0], q.transpose(1, 2)[:, 0], f"blocks.{L}.attn.hook_q at position 0")
+    names = set(mla["model"].hook_names)
+    # the low-rank latents' norms (q_a_layernorm, kv_a_layernorm) are no TransformerLens sites
+    assert not any(".q_norm." in n or ".k_norm." in n for n in names), sorted(names)
+
+
+def test_mla_hook_edits_reach_the_scores(mla):
+    """Doubling hook_k (all heads) and hook_v in block 1 gives what HF gives with its
+    own key and value doubled."""
+    mod, hf = mla["mod"], mla["hf"]
+    real = mod.eager_attention_forward
+
+    def doubled(module, q, k, v, *args, **kwargs):
+        if module.layer_idx == 1:
+            k, v = 2 * k, 2 * v
+        return real(module, q, k, v, *args, **kwargs)
+    mod.eager_attention_forward = doubled
+    try:
+        with torch.no_grad():
+            want = hf(mla["tokens"], use_cache=False).logits
+    finally:
+        mod.eager_attention_forward = real
+    got = mla["model"].run_with_hooks(mla["tokens"], fwd_hooks=[
+        ("blocks.1.attn.hook_k", lambda x, hook: 2 * x), ("blocks.1.attn.hook_v", lambda x, hook: 2 * x)])
+    assert_close(got, want, "deepseek_v2 logits with k and v doubled")
+    assert (want - mla["want"]).abs().max() > 1e-3     # the edit changed something
+
+
+def test_mla_processed_and_weights(mla):
+    """fold_ln and the rest leave HF's log-probs; W_Q/W_K/W_V refuse, naming the latent."""
+    processed = fxlens.from_pretrained(mla["cap"])
+    got = processed(mla["tokens"])
+    assert_close(got.log_softmax(-1), mla["want"].log_softmax(-1), "deepseek_v2 processed log-probs")
+    for what in ("W_Q", "W_K", "W_V"):
+        with pytest.raises(fxlens.errors.UnmappableModelError, match="latent|assembled"):
+            getattr(processed.blocks[0].attn, what)
+    c = mla["hf"].config
+    assert processed.blocks[0].attn.W_O.shape == (c.num_attention_heads, c.v_head_dim, c.hidden_size)
+    assert processed.cfg.rotary_dim == c.qk_rope_head_dim

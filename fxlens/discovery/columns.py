@@ -39,11 +39,19 @@ class BlockMaps:
     # role -> why it has no map: the op between the projection and its site that
     # computes with the values (index tracing's NotIndex), so no column map exists
     unmapped: dict = field(default_factory=dict)
+    # role -> why its projection is no TransformerLens weight at all (discovery's
+    # BlockSpec.qkv_indirect: MLA's low-rank latents, a k assembled from parts)
+    indirect: dict = field(default_factory=dict)
 
     def get(self, role: str, what: str) -> tuple | None:
         """(Linear, cols) of `role` (None where the block has no such projection), or
         an UnmappableModelError naming the op in the way."""
         entry = getattr(self, role)
+        if entry is None and role in self.indirect:
+            raise UnmappableModelError(
+                f"{what}: {self.indirect[role]}, so there are no TransformerLens-shaped "
+                f"[head, d_model, d_head] weights for {role}. Read the activations at the sites "
+                f"instead (run_with_cache), or edit them with hooks")
         if entry is None and role in self.unmapped:
             raise UnmappableModelError(
                 f"{what}: {self.unmapped[role]} lies between the {role} projection and its site and "
@@ -61,6 +69,8 @@ def column_maps(gm, spec) -> list[BlockMaps]:
     sources, sinks = set(), set()
     for b in spec.blocks:
         for role in "qkv":
+            if role in b.qkv_indirect:
+                continue
             site, proj = b.qkv[role]
             sources.add(node(proj))
             sinks.add(node(site))
@@ -86,9 +96,12 @@ def column_maps(gm, spec) -> list[BlockMaps]:
 
         for role in "qkv":
             site, proj = b.qkv[role]
+            if role in b.qkv_indirect:
+                m.indirect[role] = b.qkv_indirect[role]
+                continue
             lay = layouts[f"blocks.{b.layer}.attn.hook_{role}"]
             # [head, d_head]
-            mapped(role, seen[node(site)], lambda v: (proj, lay.to_tl(v, batch=1).reshape(-1, b.d_head)))
+            mapped(role, seen[node(site)], lambda v: (proj, lay.to_tl(v, batch=1).reshape(-1, lay.d_head or b.d_head)))
         # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
         mapped("o", seen[Linear(node(b.o_proj)).parts.x],
                lambda v: (b.o_proj, inverse_columns(v).reshape(b.n_heads, b.d_head)))

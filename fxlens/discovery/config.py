@@ -116,7 +116,8 @@ def _rotary_dim(hf_config, d_head: int) -> int:
     rope = getattr(hf_config, "rope_parameters", None) or {}
     factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
     factor = factor or _first(hf_config, "partial_rotary_factor", "rotary_pct")
-    return _first(hf_config, "rotary_dim") or (int(d_head * factor) if factor else d_head)
+    # MLA rotates only its qk_rope_head_dim slice of each head
+    return _first(hf_config, "rotary_dim", "qk_rope_head_dim") or (int(d_head * factor) if factor else d_head)
 
 
 def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str | None = None) -> FxlensConfig:

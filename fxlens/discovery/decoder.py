@@ -11,9 +11,15 @@ How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
   attn_scores   the softmax's input; pattern = the softmax
   q / k / v     the first [b,s,h,d]-shaped value on the path from a projection
                 to the QK^T matmul's operands (q, k) or to the pattern@V matmul
-                (v); k and v may carry fewer (kv) heads
+                (v); k and v may carry fewer (kv) heads; q/k's d (the QK^T
+                operands' width) may differ from v's. A role no one projection
+                gives per head -- put together from several (MLA's key: no-rope
+                part up-projected per head, rope part made once, expanded to every
+                head and concatenated) -- is the per-head value entering the matmul
   rot_q / rot_k the value entering QK^T when a computation (rotary) sits
-                between it and the projection
+                between it and the projection (an assembled k is its own rot_k)
+  W_Q/W_K/W_V   none for a role whose projection reads a low-rank latent (MLA's
+                q_a -> q_b, kv_a -> kv_b) or that is assembled: the views refuse
   z             the pattern@V product
   attn_out      the attention's output projection, followed through dropout and
                 any post-norm to the residual add; mlp_out likewise
@@ -73,6 +79,9 @@ class BlockSpec:
     d_model: int = 0
     # handles of the nodes later passes need (fxlens.ir.graph.site_node looks them up)
     qkv: dict = field(default_factory=dict)           # "q"|"k"|"v" -> (site handle, projection handle)
+    # role -> why that projection's columns are not TransformerLens's W_Q/W_K/W_V (MLA:
+    # a low-rank latent between the residual stream and it, or k put together from parts)
+    qkv_indirect: dict = field(default_factory=dict)
     o_proj: str = ""
     z: str = ""                                       # pattern @ V
     mlp_proj: dict = field(default_factory=dict)      # "pre"|"pre_linear" -> (site handle, projection handle)
@@ -146,6 +155,7 @@ def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites", mlp: 
         moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, d_head=att.d_head, d_mlp=mlp.d_mlp,
         d_model=att.d_model,
         qkv={r: (h(f"attn.{r}", site), h(f"attn.{r}_proj", proj)) for r, (site, proj) in att.qkv.items()},
+        qkv_indirect=dict(att.qkv_indirect),
         o_proj=h("attn.o_proj", att.o_proj), z=h("attn.z", att.z),
         mlp_proj={r: (h(f"mlp.{r}", site), h(f"mlp.{r}_proj", proj)) for r, (site, proj) in mlp.proj.items()},
         writer=h("mlp.out_proj", mlp.writer) if mlp.writer is not None else None,
@@ -475,6 +485,7 @@ class AttentionSites:
     z: fx.Node                      # pattern @ V
     projections: list               # linears feeding q/k/v
     qkv: dict                       # "q"|"k"|"v" -> (site node, projection)
+    qkv_indirect: dict              # role -> why its projection's columns are no W_Q/W_K/W_V
     o_proj: fx.Node
     out: fx.Node                    # the branch output that joins the residual (attn_out)
     post_norm: str | None           # a norm between the output projection and that add
@@ -628,19 +639,25 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             closure[n] = p
         closure[p] = p
     anc = {r: ancestors(op, inside) | {op} for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}
+    # q and k share a head width, which may differ from v's (MLA: nope + rope dims vs v_head_dim)
+    d_qk = shape(q_op)[-1]
+    width = {"q": d_qk, "k": d_qk, "v": d_head}
     chosen = {}
+    assembled = set()
+    indirect = {}    # role -> why its projection's columns are not TransformerLens weights
     for role, others in (("q", "kv"), ("k", "qv"), ("v", "qk")):
         excl = set().union(*(anc[o] for o in others))
-        cands = [n for n in closure if n in anc[role] and n not in excl and g.head_layout(n, d_head)]
+        dr = width[role]
+        cands = [n for n in closure if n in anc[role] and n not in excl and g.head_layout(n, dr)]
         if cands:
             node = min(cands, key=g.order.__getitem__)
-            chosen[role] = (node, g.head_layout(node, d_head))
+            chosen[role] = (node, g.head_layout(node, dr), closure[node])
             continue
         flat = [module_output(nodes_of, p, attn) for p in projs]
         flat = [n for n in flat if n in anc[role] and n not in excl]
-        if len(flat) == 1 and shape(flat[0])[-1] % d_head == 0:
-            h = shape(flat[0])[-1] // d_head
-            chosen[role] = (flat[0], Layout("flat", h, d_head))
+        if len(flat) == 1 and shape(flat[0])[-1] % dr == 0:
+            h = shape(flat[0])[-1] // dr
+            chosen[role] = (flat[0], Layout("flat", h, dr), closure[flat[0]])
             continue
         router = next((n for n in g.order if n in anc[role] and n not in excl and n.target is aten.topk.default),
                       None)
@@ -650,10 +667,31 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             raise _fail(f"attention {attn}", f"the {role} value computed by routed attention experts (a topk "
                         f"router, {router.name}, picks each token's {role} projection: mixture of attention heads)",
                         f"a {role} projection shared by every token")
+        found = _assembled_operand(g, (q_op, k_op, v_op)["qkv".index(role)], dr, projs, inside)
+        if found is not None:
+            # no one projection gives this role per head: it is put together from
+            # several (MLA's key: the up-projected no-rope part and a rope part shared
+            # by all heads, expanded and concatenated). The site is the per-head value
+            # entering the matmul, every head's copy of a shared part included.
+            node, sources = found
+            chosen[role] = (node, g.head_layout(node, dr), sources[-1])
+            assembled.add(role)
+            indirect[role] = (f"{role} is assembled in {node.name} from several projections "
+                              f"({', '.join(s.name for s in sources)}), not read from one")
+            continue
         raise _fail(f"attention {attn}", f"{len(projs)} projection(s)", f"the {role} value per head")
     for role in "qkv":
-        sites.add(name(f"attn.hook_{role}"), *chosen[role])
-    qkv = {role: (chosen[role][0], closure[chosen[role][0]]) for role in "qkv"}
+        sites.add(name(f"attn.hook_{role}"), *chosen[role][:2])
+        proj = chosen[role][2]
+        if role not in indirect:
+            # a projection fed by another one (MLA's low-rank q_a -> q_b, kv_a -> kv_b):
+            # its weights act on a latent, not on the residual stream
+            x = walk_back(linear_parts(proj)[0], is_layout)[-1]
+            earlier = [p for p in projs if p is not proj and p in (ancestors(x, inside) | {x})]
+            if earlier:
+                indirect[role] = (f"the {role} projection {proj.name} reads a low-rank latent made by "
+                                  f"{', '.join(p.name for p in earlier)}, not the residual stream")
+    qkv = {role: (chosen[role][0], chosen[role][2]) for role in "qkv"}
     n_kv = chosen["k"][1].heads
 
     # ALiBi: QK^T added (baddbmm) to a bias made from positions alone, no embedding upstream
@@ -664,12 +702,14 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     for role, op in (("q", q_op), ("k", k_op)):
         chain = walk_back(op, lambda n: is_layout(n) or is_scalar_scale(n))
         stop = chain[-1]
-        if stop in closure or stop is chosen[role][0]:
+        if stop in closure or (stop is chosen[role][0] and role not in assembled):
             continue
-        rot = next((n for n in reversed(chain) if g.head_layout(n, d_head)), None)
+        if role in assembled and not rotary:
+            continue    # put together from parts, none of them rotated (q was not)
+        rot = next((n for n in reversed(chain) if g.head_layout(n, d_qk)), None)
         if rot is None:
             raise _fail(f"attention {attn}", f"a computation on {role} ({stop.name})", f"a per-head rotated {role}")
-        lay = g.head_layout(rot, d_head)
+        lay = g.head_layout(rot, d_qk)
         want = chosen[role][1].heads
         if lay.heads != want and lay.heads % want == 0:
             # rotary applied after k was repeated to every query head: show each kv head once
@@ -686,7 +726,9 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
         if len(on) != 1:
             continue
         role = on[0]
-        per_head = g.head_layout(norm["normalized"], d_head)
+        if qkv[role][1] not in ancestors(norm["normalized"]):
+            continue    # a norm before the role's projection (MLA's q_a / kv_a latent norms): no q/k norm
+        per_head = g.head_layout(norm["normalized"], width[role])
         if per_head is not None and per_head.kind in ("same", "bhsd"):
             # TransformerLens normalises the [b*s*h, d_head] rows
             lay = Layout("rows" if per_head.kind == "same" else "bhsd_rows")
@@ -706,6 +748,7 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
     if not g.is_resid(attn_out, d_model):
         raise _fail(f"attention {attn}", f"output of shape {shape(attn_out)}", "a [batch, pos, d_model] output")
     return AttentionSites(path=attn, nodes=aset, softmax=softmax, z=z_mm, projections=projs, qkv=qkv,
+                          qkv_indirect=indirect,
                           o_proj=o_proj, out=attn_out, post_norm=ln1_post, n_heads=n_heads,
                           n_kv_heads=n_kv, d_head=d_head, d_model=d_model, rotary=rotary,
                           alibi=alibi)
@@ -1096,6 +1139,21 @@ def _nearest(start: fx.Node, allowed: set, pred, back: bool) -> fx.Node | None:
                 nxt.append(m)
         frontier = nxt
     return None
+
+
+def _assembled_operand(g: ShapedGraph, op: fx.Node, width: int, projs: list, inside):
+    """The per-head value entering QK^T (or pattern@V) as operand `op`, when it is
+    put together from the outputs of more than one projection (MLA's key: its
+    no-rope part up-projected per head, its rope part made once and expanded to
+    every head, the two concatenated): (that value, the projections in graph order),
+    or None."""
+    chain = walk_back(op, lambda n: is_layout(n) or is_scalar_scale(n))
+    node = next((n for n in reversed(chain) if g.head_layout(n, width)), None)
+    if node is None:
+        return None
+    anc = ancestors(node, inside)
+    sources = sorted((p for p in projs if p in anc), key=g.order.__getitem__)
+    return (node, sources) if len(sources) > 1 else None
 
 
 def _descendants(node: fx.Node, allowed: set) -> set:
