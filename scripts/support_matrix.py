@@ -94,6 +94,7 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
     if defaults.get("num_experts_per_tok", 0) is None and any(
             isinstance(defaults.get(k), int) for k in ("n_routed_experts", "num_experts", "num_local_experts")):
         out["num_experts_per_tok"] = 2
+    _keep_head_dim_relations(defaults, out)
     heads = _mapped(cls, "num_attention_heads")
     kv = "num_key_value_heads"
     if isinstance(defaults.get(kv), int) and isinstance(defaults.get(heads), int):
@@ -123,6 +124,30 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
                 continue
             out[k] = {**v, **_shrink(v, sub, sizes)}
     return out
+
+
+# per-head widths: their defaults may be tied (DeepSeek-V3: head_dim = qk_rope_head_dim,
+# the width its rotary embedding is built for; qk_head_dim = nope + rope)
+HEAD_DIMS = ("head_dim", "kv_channels", "attention_head_dim", "qk_head_dim", "v_head_dim",
+             "qk_rope_head_dim", "qk_nope_head_dim")
+
+
+def _keep_head_dim_relations(defaults: dict, out: dict) -> None:
+    """Where the fixed tiny head widths break an equality or a sum the defaults hold
+    among them (head_dim 16 beside qk_rope_head_dim 8, defaults 64 and 64), shrink
+    all of them instead by one power of two, down to at most 32 wide and still even
+    (rotary pairs): equalities, sums and ratios among them then hold as in the defaults."""
+    keys = [k for k in HEAD_DIMS if k in out and isinstance(defaults.get(k), int) and defaults[k] > 0]
+    def held(a, b, c=None):     # a == b, or a == b + c
+        return lambda d: d[a] == d[b] + (d[c] if c else 0)
+    relations = [held(a, b) for a in keys for b in keys] + [held(a, b, c) for a in keys for b in keys for c in keys]
+    if all(r(out) for r in relations if r(defaults)):
+        return
+    vals = [defaults[k] for k in keys]
+    f = 1
+    while max(vals) // f > 32 and all(v % (4 * f) == 0 for v in vals):
+        f *= 2
+    out.update({k: defaults[k] // f for k in keys})
 
 
 def tiny_config(model_type: str, sizes: str = "tiny"):
