@@ -53,13 +53,14 @@ def test_lengths_outside_the_exported_range_get_their_own_graph():
     assert "capture: dynamic (seq 2..128" in render(model.graph_module, "txt")
 
 
-def test_heads_folded_into_the_batch_softmax():
-    """XGLM (like TrOCR, MVP) softmaxes [batch*head, query, key] scores between two
-    bmms: the pattern is that softmax shown as [batch, head, query, key], equal to
-    HF's attentions; the scores (the [batch, head, query, key] value before the
-    fold, mask added) softmax to it; a pattern hook's return value is what
-    pattern@V reads."""
-    hf = support_matrix.tiny_model("xglm")
+@pytest.mark.parametrize("model_type", ["xglm", "trocr"])
+def test_heads_folded_into_the_batch_softmax(model_type):
+    """XGLM and TrOCR (post-LN: its blocks end in a norm of resid_mid + mlp_out)
+    softmax [batch*head, query, key] scores between two bmms: the pattern is that
+    softmax shown as [batch, head, query, key], equal to HF's attentions; the scores
+    (the [batch, head, query, key] value before the fold, mask added) softmax to it;
+    a pattern hook's return value is what pattern@V reads."""
+    hf = support_matrix.tiny_model(model_type)
     ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = hf(ids, use_cache=False, output_attentions=True)

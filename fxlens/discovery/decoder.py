@@ -1023,12 +1023,12 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
         # (a parallel block's adds -- attn_out + mlp_out + resid_pre -- are left as they are)
         mlp_add = _resid_add(mlp.out)
         other = [a for a in mlp_add.all_input_nodes if a is not mlp.out] if mlp_add is not None else []
-        if len(other) != 1 or walk_back(other[0], lambda n: n.target in CASTS or is_layout(n))[-1] is not resid_add:
+        if len(other) != 1 or not _is_stream_of(other[0], resid_add, norms):
             # Gemma 4's MoE block sums a dense MLP and routed experts, each normed, before the residual add
             raise _fail(f"block {bpath}", f"MLP output {mlp.out.name} added to {[a.name for a in other]}, not to "
                         f"the residual stream {resid_add.name} (two MLP branches summed before the residual add?)",
                         "the add that joins the MLP to the residual stream")
-        extra, unscaled = _block_tail(g, bpath, mlp_add, resid_post, bset, d_model)
+        extra, unscaled = _block_tail(g, bpath, mlp_add, resid_post, bset, d_model, norms, nodes_of)
         if extra is not None:
             sites.add(name("hook_resid_mid2"), mlp_add)
             sites.add(name("hook_extra_out"), extra)
@@ -1041,6 +1041,16 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
 
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+def _is_stream_of(node: fx.Node, resid: fx.Node, norms: dict) -> bool:
+    """Whether `node` is the residual stream value `resid`, through casts and layout
+    ops, or normalised (a post-LN block's MLP adds to norm(resid_mid): BART, TrOCR)."""
+    stop = walk_back(node, lambda n: n.target in CASTS or is_layout(n))[-1]
+    if stop is resid:
+        return True
+    norm = norm_of(stop, norms)
+    return norm is not None and resid in ancestors(stop, lambda n: n is resid or norm in module_paths(n))
 
 
 def _resid_add(branch_out: fx.Node) -> fx.Node | None:
@@ -1069,14 +1079,22 @@ def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
 
 
 def _block_tail(g: ShapedGraph, bpath: str, mlp_add: fx.Node, resid_post: fx.Node, bset: set,
-                d_model) -> tuple[fx.Node | None, fx.Node | None]:
+                d_model, norms: dict, nodes_of) -> tuple[fx.Node | None, fx.Node | None]:
     """From the MLP's residual add to the block output: at most one more branch
     joined by an add (returns its output, what is added) and then at most one
-    one-element gain on the stream (returns the stream before it). Anything else
-    is refused: TransformerLens's resid_post = resid_mid + mlp_out would not hold."""
+    one-element gain on the stream (returns the stream before it), a post-LN
+    block's norm on the way (BART, BERT: resid_post = norm(resid_mid + mlp_out)).
+    Anything else is refused: TransformerLens's resid_post = resid_mid + mlp_out
+    would not hold."""
     extra = unscaled = None
     cur = mlp_add
     while cur is not resid_post:
+        in_norm = {next((p for p in module_paths(u) if p in norms), None) for u in cur.users}
+        if len(in_norm) == 1 and None not in in_norm:
+            out = output_node(nodes_of(in_norm.pop()))
+            if out is not None and out is not cur and out in bset:
+                cur = out       # the stream normalised whole (post-LN)
+                continue
         steps = [u for u in cur.users if u in bset and g.is_resid(u, d_model)
                  and (u.target in _ADDS or _is_gain(u, cur) or u.target in CASTS or is_layout(u))]
         if len(steps) != 1:
