@@ -147,6 +147,8 @@ REFUSED = {
     "jetmoe": "routed attention experts",       # mixture of attention heads: q from routed experts
     "diffllama": "differential attention",      # (softmax_1 - lambda * softmax_2) @ V
     "dory": "recurrent section reusing its layers",   # the same block module called per loop
+    "xlnet": "a relative-position term",        # QK^T einsum plus a second einsum of the queries
+    "xlm": "parallel module lists",             # attentions.L, layer_norm1.L, ffns.L, ...: no block module
 }
 
 
