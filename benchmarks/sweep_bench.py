@@ -18,7 +18,9 @@ sweep and reads one number per step (`.item()`, as a researcher's loop does):
              zeroed (a new partial per step); the same logit difference
 
 Each sweep times fxlens compiled (`model.compile()`: hooks run in Python
-between compiled segments), fxlens eager (the same model, runner off) and
+between compiled segments, and the work before the first hook is reused while
+the tokens and weights are unchanged, `fxlens.runtime.prefix`), the same
+without that reuse (`reuse_prefix=False`), fxlens eager (the same model, runner off) and
 TransformerLens 3.9, interleaved with `bench.run_phase` (rotating start, medians
 over --reps). "first s" is the first sweep, which includes every compilation
 (a cold inductor cache: a fresh TORCHINDUCTOR_CACHE_DIR); "compilations" and
@@ -109,9 +111,22 @@ def sweeps(fx, tl, tokens, corrupt, answer: tuple[int, int], max_steps: int = 0)
         finally:
             fx._compiled = runner
 
+    from fxlens.runtime.compiled import CompiledRunner
+    plain = CompiledRunner(fx, reuse_prefix=False)     # the same compiled segments, prefix always run
+
+    def fx_plain_run(toks, hooks):
+        fx._compiled = plain
+        try:
+            return fx.run_with_hooks(toks, fwd_hooks=hooks)
+        finally:
+            fx._compiled = runner
+
     out = {"patching": {"fxlens compiled": patching(fx_run, fx_clean, "fxlens compiled"),
+                        "fxlens compiled, no prefix reuse": patching(fx_plain_run, fx_clean,
+                                                                     "fxlens compiled, no prefix reuse"),
                         "fxlens eager": patching(fx_eager_run, fx_clean, "fxlens eager")},
            "heads": {"fxlens compiled": heads(fx_run, "fxlens compiled"),
+                     "fxlens compiled, no prefix reuse": heads(fx_plain_run, "fxlens compiled, no prefix reuse"),
                      "fxlens eager": heads(fx_eager_run, "fxlens eager")}}
     if tl is not None:
         def tl_run(toks, hooks):

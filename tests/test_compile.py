@@ -399,6 +399,68 @@ def test_only_a_new_site_set_adds_a_variant(tiny_sweep):
     assert_cache_close(cache, eager(model, eager_cache))
 
 
+def test_the_work_before_the_hook_is_reused_and_never_stale(tiny_sweep):
+    """A sweep over positions at one site: the embedding and block 0 (before the hooked
+    blocks.1.hook_resid_pre) run once while the tokens and weights stay the same, the
+    patch hook's in-place edit never reaches the kept value, and anything that changes
+    what the prefix computes -- a weight edited in place, other tokens, the same
+    tokens tensor edited, a cached prefix value the caller edits, autograd -- runs it
+    again and gives the eager model's numbers (COMPILED_RTOL, as above)."""
+    model, corrupt, site, act, want = tiny_sweep
+    stats = lambda: (model.compile_stats()["prefix_reused"], model.compile_stats()["prefix_run"])  # noqa: E731
+    patch = lambda p: [(site, functools.partial(_patch, pos=p, clean_act=act))]  # noqa: E731
+    with torch.no_grad():
+        model.run_with_hooks(corrupt, fwd_hooks=patch(0))
+        reused, run = stats()
+        for p in range(6):                  # each call edits the hooked activation in place
+            assert rel_err(model.run_with_hooks(corrupt, fwd_hooks=patch(p)), want[p]) <= COMPILED_RTOL, p
+        assert stats() == (reused + 6, run)
+
+        def check(tokens, what):
+            before = stats()
+            got = model.run_with_hooks(tokens, fwd_hooks=patch(2))
+            assert stats() == (before[0], before[1] + 1), what          # run again, not reused
+            ref = eager(model, lambda: model.run_with_hooks(tokens, fwd_hooks=patch(2)))
+            assert rel_err(got, ref) <= COMPILED_RTOL, what
+            return got
+
+        name, weight = next((n, w) for n, w in model.named_parameters() if ".0." in n and w.dim() == 2)
+        weight.mul_(1.5)                    # block 0 is in the prefix
+        try:
+            edited = check(corrupt, f"{name} edited in place")
+            assert not torch.allclose(edited, want[2])
+        finally:
+            weight.div_(1.5)
+        check(corrupt, f"{name} restored")
+        mine = corrupt.clone()
+        model.run_with_hooks(mine, fwd_hooks=patch(2))
+        mine[0, 0] = (mine[0, 0] + 1) % model.cfg.d_vocab    # the caller's tokens tensor, edited
+        check(mine, "tokens edited in place")
+        check(tokens(2, 6, seed=3), "other tokens")
+        # a prefix value the caller gets in its cache is a copy: editing it changes nothing
+        early = "blocks.0.hook_resid_post"
+        with model.hooks(fwd_hooks=patch(2)):
+            _, first = model.run_with_cache(corrupt, names_filter=[early])
+            first[early].zero_()
+            _, second = model.run_with_cache(corrupt, names_filter=[early])
+
+        def eager_cache():
+            with model.hooks(fwd_hooks=patch(2)):
+                return model.run_with_cache(corrupt, names_filter=[early])[1]
+
+        assert rel_err(second[early], eager(model, eager_cache)[early]) <= COMPILED_RTOL
+    # autograd recording (weights that require grad, grad enabled): never reused
+    model.requires_grad_(True)
+    try:
+        before = stats()
+        for _ in range(2):
+            model.run_with_hooks(corrupt, return_type="loss", fwd_hooks=patch(1)).backward()
+        assert stats() == (before[0], before[1] + 2)
+    finally:
+        model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+
+
 def test_traced_hooks_recompile_per_function(tiny_sweep):
     # the contrast (and the mode kept for fixed hook sets): hooks traced into one
     # graph make dynamo guard on each function and the values it closes over

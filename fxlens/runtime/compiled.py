@@ -67,6 +67,7 @@ import torch.fx as fx
 from fxlens.frontend.decoder import has_mask_input
 from fxlens.discovery.names import canonical_order
 from fxlens.passes.segment import Segment
+from fxlens.runtime.prefix import PrefixReuse
 from fxlens.pipeline import VARIANT_ADVICE, Context, run_pipeline, variant_pipeline
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
@@ -119,6 +120,7 @@ class Variant:
     segmented: bool = False          # hooks run in Python between compiled segments
     segments: tuple = ()             # segmented: the CompiledSegments this variant calls
     takes_mask: bool = False         # the graph has an attention-mask input
+    prefix: object = None            # segmented: its PrefixReuse (fxlens.runtime.prefix), if any
 
     @property
     def fused(self) -> int:
@@ -182,7 +184,7 @@ class CompiledRunner:
 
     def __init__(self, model, *, backend="inductor", mode: str | None = None,
                  options: dict | None = None, dynamic: bool = True, fullgraph: bool = True,
-                 fuse_attention: bool = True, hooks: str = "python"):
+                 fuse_attention: bool = True, hooks: str = "python", reuse_prefix: bool = True):
         if hooks not in HOOK_MODES:
             raise ValueError(f"hooks={hooks!r}: use 'python' (hooks run between compiled segments; "
                              f"new hook functions never recompile) or 'traced' (hooks compiled into "
@@ -195,6 +197,7 @@ class CompiledRunner:
         self.fullgraph = fullgraph
         self.fuse_attention = fuse_attention
         self.hooks = hooks
+        self.reuse_prefix = reuse_prefix
         self.variants: dict[tuple, Variant] = {}
         self.segments: dict[str, CompiledSegment] = {}   # Segment.key -> its compiled code
         self.graph_version = self._version()
@@ -234,7 +237,8 @@ class CompiledRunner:
                         segmented=segmented, takes_mask=has_mask_input(gm))
             if segmented:
                 v.segments = tuple(self._use_compiled_segments(gm))
-                v.fn = gm
+                v.prefix = PrefixReuse.build(gm) if self.reuse_prefix else None
+                v.fn = v.prefix or gm
             else:
                 v.fn = torch.compile(gm, backend=self._counting_backend(v), dynamic=self.dynamic,
                                      fullgraph=self.fullgraph)
@@ -364,6 +368,9 @@ class CompiledRunner:
                "compile_seconds": round(self.compile_seconds, 2), "fallbacks": self.fallbacks}
         if self.hooks == "python":
             out["segments"] = len(self.segments)
+            reuse = [v.prefix for v in self.variants.values() if v.prefix is not None]
+            out["prefix_reused"] = sum(p.hits for p in reuse)
+            out["prefix_run"] = sum(p.misses for p in reuse)
         out["fused_attention"] = {_label(v): v.fused for v in self.variants.values()}
         return out
 

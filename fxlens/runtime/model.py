@@ -136,7 +136,8 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
-                dynamic: bool = True, fuse_attention: bool = True, hooks: str = "python") -> "HookedModel":
+                dynamic: bool = True, fuse_attention: bool = True, hooks: str = "python",
+                reuse_prefix: bool = True) -> "HookedModel":
         """Run through `torch.compile` from now on (see `fxlens.runtime.compiled`).
 
         Each set of observed sites gets its own specialised graph: `run_with_cache`
@@ -150,10 +151,14 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         new hook function recompiles; for a fixed hook set). Compilation is lazy
         (the first call with a new site set takes seconds); new batch sizes and
         sequence lengths reuse it (batch 1 or a 1-token input compiles once more).
+        `reuse_prefix` (hooks="python"): the work before the first hooked site is
+        not redone while the inputs and weights equal the last call's (a sweep
+        over positions at one layer; see `fxlens.runtime.prefix`).
         Returns self.
         """
         self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,
-                                        dynamic=dynamic, fuse_attention=fuse_attention, hooks=hooks)
+                                        dynamic=dynamic, fuse_attention=fuse_attention, hooks=hooks,
+                                        reuse_prefix=reuse_prefix)
         return self
 
     def uncompile(self) -> "HookedModel":
