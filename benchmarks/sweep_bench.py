@@ -101,25 +101,20 @@ def sweeps(fx, tl, tokens, corrupt, answer: tuple[int, int], max_steps: int = 0)
 
     runner = fx._compiled
 
-    def fx_run(toks, hooks):
-        return fx.run_with_hooks(toks, fwd_hooks=hooks)
-
-    def fx_eager_run(toks, hooks):
-        fx._compiled = None
-        try:
-            return fx.run_with_hooks(toks, fwd_hooks=hooks)
-        finally:
-            fx._compiled = runner
-
     from fxlens.runtime.compiled import CompiledRunner
     plain = CompiledRunner(fx, reuse_prefix=False)     # the same compiled segments, prefix always run
 
-    def fx_plain_run(toks, hooks):
-        fx._compiled = plain
-        try:
-            return fx.run_with_hooks(toks, fwd_hooks=hooks)
-        finally:
-            fx._compiled = runner
+    def run_with(this):
+        """run_with_hooks with the model's runner set to `this` (None: eager) for the call."""
+        def run(toks, hooks):
+            fx._compiled = this
+            try:
+                return fx.run_with_hooks(toks, fwd_hooks=hooks)
+            finally:
+                fx._compiled = runner
+        return run
+
+    fx_run, fx_plain_run, fx_eager_run = run_with(runner), run_with(plain), run_with(None)
 
     out = {"patching": {"fxlens compiled": patching(fx_run, fx_clean, "fxlens compiled"),
                         "fxlens compiled, no prefix reuse": patching(fx_plain_run, fx_clean,
