@@ -149,6 +149,7 @@ REFUSED = {
     "dory": "recurrent section reusing its layers",   # the same block module called per loop
     "xlnet": "a relative-position term",        # QK^T einsum plus a second einsum of the queries
     "xlm": "parallel module lists",             # attentions.L, layer_norm1.L, ffns.L, ...: no block module
+    "deepseek_v4": "residual streams per position",   # hyper-connections: [b, s, 4, d] between blocks
 }
 
 

@@ -978,6 +978,14 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
+    out = output_node(bnodes)
+    s = shape(out) if out is not None else None
+    if s is not None and len(s) == 4 and same_size(s[0], g.batch) and same_size(s[1], g.seq) \
+            and isinstance(s[2], int) and s[2] > 1:
+        # several residual streams per position, mixed into each sublayer's input and
+        # out of its output by learned weights (DeepSeek-V4's hyper-connections)
+        raise _fail(f"block {bpath}", f"a block output of shape {s}: {s[2]} residual streams per position",
+                    "one [batch, pos, d_model] residual stream (TransformerLens's hook_resid_pre/post)")
     att = analyse_attention(g, sites, layer, bpath, norms, nodes_of)
     attn_out, d_model = att.out, att.d_model
 
