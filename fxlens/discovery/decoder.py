@@ -679,6 +679,15 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             indirect[role] = (f"{role} is assembled in {node.name} from several projections "
                               f"({', '.join(s.name for s in sources)}), not read from one")
             continue
+        src = {r: op for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}[role]
+        outside = [i for n in anc[role] | {src} for i in n.all_input_nodes
+                   if i not in aset and g.head_layout(i, dr)]
+        if outside:
+            # Gemma 4's KV sharing: a later layer attends over an earlier layer's k/v
+            where = module_path(outside[0]) or "the model"
+            raise _fail(f"attention {attn}", f"the {role} value per head computed outside this attention "
+                        f"({outside[0].name}, in {where}): {role} states shared across layers",
+                        f"a {role} projection of this attention's own")
         raise _fail(f"attention {attn}", f"{len(projs)} projection(s)", f"the {role} value per head")
     for role in "qkv":
         sites.add(name(f"attn.hook_{role}"), *chosen[role][:2])
@@ -1052,13 +1061,18 @@ _ADDS = (aten.add.Tensor, aten.add_.Tensor)
 
 
 def _is_stream_of(node: fx.Node, resid: fx.Node, norms: dict) -> bool:
-    """Whether `node` is the residual stream value `resid`, through casts and layout
-    ops, or normalised (a post-LN block's MLP adds to norm(resid_mid): BART, TrOCR)."""
-    stop = walk_back(node, lambda n: n.target in CASTS or is_layout(n))[-1]
+    """Whether `node`, the value an MLP output is added to, may be the residual
+    stream `resid`: `resid` through casts, layout ops and scaling by constants or
+    parameters (Beam's depth-scaled residual, Doge's learned residual weights),
+    or normalised (a post-LN block's MLP adds to norm(resid_mid): BART, TrOCR), or
+    a value no norm made (a cross-attention's add, Inkling's short conv). Only a
+    norm of something else is not (Gemma 4's MoE block: a dense MLP and routed
+    experts, each normed, summed before the residual add)."""
+    stop = _scaled_source(node)
     if stop is resid:
         return True
     norm = norm_of(stop, norms)
-    return norm is not None and resid in ancestors(stop, lambda n: n is resid or norm in module_paths(n))
+    return norm is None or resid in ancestors(stop, lambda n: n is resid or norm in module_paths(n))
 
 
 def _resid_add(branch_out: fx.Node) -> fx.Node | None:
@@ -1084,6 +1098,21 @@ def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
         return isinstance(other, (int, float))
     src = walk_back(other, lambda n: n.target in CASTS or is_layout(n))[-1]
     return src.op == "get_attr" and val(src) is not None and val(src).numel() == 1
+
+
+def _scaled_source(node: fx.Node) -> fx.Node:
+    """The value `node` is, up to casts, layout ops and scaling by constants or
+    parameters (Beam's depth-scaled residual, Doge's learned residual weights)."""
+    while True:
+        if node.target in CASTS or is_layout(node) or is_scalar_scale(node):
+            ins = [a for a in node.all_input_nodes if val(a) is not None and val(a).dim() > 0]
+        elif node.target in (aten.mul.Tensor, aten.div.Tensor):
+            ins = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        else:
+            return node
+        if len(ins) != 1:
+            return node
+        node = ins[0]
 
 
 def _block_tail(g: ShapedGraph, bpath: str, mlp_add: fx.Node, resid_post: fx.Node, bset: set,
