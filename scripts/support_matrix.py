@@ -99,13 +99,30 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
     kv = "num_key_value_heads"
     if isinstance(defaults.get(kv), int) and isinstance(defaults.get(heads), int):
         out[kv] = 2 if defaults[kv] < defaults[heads] else out.get(heads, 4)
-    # per-layer lists (layer_types, ...): keep the first and the last entry
+    # fields that must stay consistent with the ones set above are scaled with them
+    _scale_heads(defaults, out, cls)
+    for k, v in defaults.items():
+        # a second vocabulary (gemma3n's per-layer input embedding) no larger than the ids need
+        if "vocab_size" in k and k not in out and isinstance(v, int) and not isinstance(v, bool) and v > VOCAB:
+            out[k] = VOCAB
+    # per-layer lists (layer_types, ...): keep the first and the last entry (a
+    # per-layer size the table names at its tiny value), per-layer overrides
+    # (`per_layer_config`) of those two layers, and counts of layers in a role
+    # (`num_kv_shared_layers`) scaled to the new layer count
     n_key = _mapped(cls, "num_hidden_layers")
     n = defaults.get(n_key)
     if isinstance(n, int) and n > N_LAYERS:
         for k, v in defaults.items():
             if isinstance(v, (list, tuple)) and len(v) == n:
-                out[k] = [v[0], v[-1]]
+                kept = [v[0], v[-1]]
+                if k in sizes and all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+                    kept = [sizes[k]] * N_LAYERS
+                out[k] = kept
+            elif k == "per_layer_config" and isinstance(v, dict):
+                out[k] = _per_layer(v, n, defaults, out)
+            elif k.startswith("num_") and k.endswith("_layers") and k != n_key and isinstance(v, int) \
+                    and not isinstance(v, bool) and N_LAYERS <= v <= n:
+                out[k] = N_LAYERS if v == n else v * N_LAYERS // n
     # special token ids must lie inside the tiny vocabulary
     spare = iter(range(VOCAB - 1, 0, -1))
     for k, v in defaults.items():
@@ -149,6 +166,46 @@ def _keep_head_dim_relations(defaults: dict, out: dict) -> None:
         f *= 2
     out.update({k: defaults[k] // f for k in keys})
 
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _scale_heads(defaults: dict, out: dict, cls) -> None:
+    """Head counts the table does not name, in a model with none it names
+    (mamba2's `num_heads`): scaled so heads x head_dim keeps its default
+    ratio to the width (mamba2 asserts hidden_size * expand == num_heads *
+    head_dim), i.e. by the width's factor over head_dim's."""
+    width, hd = _mapped(cls, "hidden_size"), _mapped(cls, "head_dim")
+    if not (_is_int(defaults.get(width)) and width in out) or _mapped(cls, "num_attention_heads") in defaults:
+        return   # only where the table names a head_dim and no head count
+    if not (_is_int(defaults.get(hd)) and hd in out):
+        return
+    factor = out[width] / defaults[width] * defaults[hd] / out[hd]
+    named = {_mapped(cls, k) for k in TINY} | {"num_key_value_heads"}
+    for k, v in defaults.items():
+        if k.endswith("heads") and k not in named and k not in out and _is_int(v) and v > 1:
+            out[k] = max(1, min(v, round(v * factor)))
+
+
+def _per_layer(per_layer: dict, n: int, defaults: dict, out: dict) -> dict:
+    """`per_layer_config` ({layer index: overrides}) for the layers kept (the
+    first and the last, now 0 and 1), each overriding size scaled by the
+    factor its global field was (a 512-wide head next to a 256-wide global one
+    stays twice the tiny one)."""
+    kept = {}
+    for key, overrides in per_layer.items():
+        idx = int(key)
+        new = 0 if idx == 0 else N_LAYERS - 1 if idx == n - 1 else None
+        if new is None:
+            continue
+        scaled = {}
+        for f, v in overrides.items():
+            if _is_int(v) and _is_int(defaults.get(f)) and f in out and defaults[f]:
+                v = max(1, round(v * out[f] / defaults[f]))
+            scaled[f] = v
+        kept[f"{new:02d}" if isinstance(key, str) else new] = scaled
+    return kept
 
 def tiny_config(model_type: str, sizes: str = "tiny"):
     """The config of a tiny `model_type`, from its own class's defaults (SIZES[sizes])."""
