@@ -102,8 +102,9 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
     # fields that must stay consistent with the ones set above are scaled with them
     _scale_heads(defaults, out, cls)
     for k, v in defaults.items():
-        # a second vocabulary (gemma3n's per-layer input embedding) no larger than the ids need
-        if "vocab_size" in k and k not in out and isinstance(v, int) and not isinstance(v, bool) and v > VOCAB:
+        # a second vocabulary (gemma3n's per-layer input embedding, blt's hashed n-grams) no
+        # larger than the ids need
+        if (k.endswith("vocab") or "vocab_size" in k) and k not in out and _is_int(v) and v > VOCAB:
             out[k] = VOCAB
     # per-layer lists (layer_types, ...): keep the first and the last entry (a
     # per-layer size the table names at its tiny value), per-layer overrides

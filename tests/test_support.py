@@ -158,3 +158,45 @@ def test_refused_structure_is_named(model_type):
     hf = support_matrix.tiny_model(model_type)
     with pytest.raises(fxlens.UnmappableModelError, match=REFUSED[model_type]):
         fxlens.from_pretrained_no_processing(hf, self_check=False)
+
+
+def test_tiny_config_keeps_dependent_fields_consistent():
+    """The fields that must agree with the ones the sweep shrinks are shrunk with them:
+    gemma4's per-layer overrides follow the layers kept (its last, global layer becomes
+    layer 1, its 512-wide head twice the tiny 16), mamba2's head count keeps
+    hidden_size * expand == num_heads * head_dim, gemma3n's KV-sharing layer count
+    fits two layers, and each HF model builds and runs."""
+    g4 = support_matrix.tiny_config("gemma4_text")
+    assert g4.num_hidden_layers == 2 and g4.layer_types == ["sliding_attention", "full_attention"]
+    assert g4.per_layer_config[1].head_dim == 2 * g4.per_layer_config[0].head_dim == 32   # scaled override
+    m2 = support_matrix.tiny_config("mamba2")
+    assert m2.hidden_size * m2.expand == m2.num_heads * m2.head_dim
+    g3n = support_matrix.tiny_config("gemma3n_text")
+    assert g3n.num_kv_shared_layers == 0 and g3n.intermediate_size == [128, 128]
+    assert g3n.vocab_size_per_layer_input == support_matrix.VOCAB
+    for t in ("gemma4_text", "mamba2", "gemma3n_text"):
+        hf = support_matrix.tiny_model(t)
+        with torch.no_grad():
+            out = hf(torch.randint(0, 100, (1, 5)), use_cache=False)
+        assert torch.isfinite(out.logits).all()
+
+
+def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatch):
+    """A hybrid whose first export fails (qwen3.5's gated-delta scan: about a minute
+    an export on a CPU, eight fallback steps) is refused after that one export, with
+    the structure found, not after the whole chain: its linear-attention block 0 runs
+    no attention softmax, its block 1 does."""
+    from fxlens.frontend import decoder as frontend
+    hf = support_matrix.tiny_model("qwen3_5_text")
+    assert frontend.mixed_blocks(hf, torch.randint(0, 100, (2, 8))) == ("model.layers", [1], [0])
+    assert frontend.mixed_blocks(support_matrix.tiny_model("llama"), torch.randint(0, 100, (2, 8))) is None
+    calls = []
+
+    def failing_export(*args, **kwargs):   # the first step's failure, without its minute
+        calls.append(kwargs["dynamic_shapes"])
+        raise RuntimeError("Constraints violated (seq)!")
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    with pytest.raises(fxlens.UnmappableModelError) as err:
+        fxlens.capture(hf)
+    assert len(calls) == 1
+    assert "attention softmax in model.layers.[1] only; model.layers.[0] mix tokens without one" in str(err.value)

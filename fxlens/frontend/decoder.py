@@ -429,6 +429,73 @@ OPTIONAL_INPUTS = {"decoder": (MASK_INPUT,), "encoder": (MASK_INPUT, "token_type
 _PROBE = {MASK_INPUT: torch.ones_like, "token_type_ids": torch.zeros_like}
 
 
+def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]] | None:
+    """Blocks of one `nn.ModuleList` of which some run no attention softmax,
+    seen in one eager forward on `probe`: a hybrid's linear-attention or
+    state-space mixers beside its attention layers, or such mixers only.
+
+    An attention softmax here is an aten softmax over [batch, heads, query,
+    key] (4-d, batch and query the probe's), as discovery's blocks need one;
+    a block without is one that runs no softmax over [query, key] of any rank
+    (an MoE router's over its experts does not count). The list with the most
+    blocks that run one is taken (the shortest path on a tie), as discovery
+    takes it; where none does, and no fused attention ran either, the list
+    with the most blocks that ran. Returns (its path, the blocks with, the
+    blocks without), or None where every block that ran has one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    active: list[tuple[str, int]] = []
+    ran: dict[str, set[int]] = {}
+    with_attn: dict[str, set[int]] = {}
+    with_scores: dict[str, set[int]] = {}
+    fused = []
+    softmaxes = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+    batch, seq = probe.shape
+
+    class Softmaxes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "scaled_dot_product" in str(func) or "flex_attention" in str(func):
+                fused.append(func)
+            if func in softmaxes and isinstance(out, torch.Tensor) and out.dim() >= 2 \
+                    and out.shape[-1] == out.shape[-2] == seq:
+                attn = out.dim() == 4 and out.shape[0] == batch
+                for path, i in active:
+                    with_scores.setdefault(path, set()).add(i)
+                    if attn:
+                        with_attn.setdefault(path, set()).add(i)
+            return out
+
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList):
+            for i, child in enumerate(mod):
+                def pre(m, args, name=name, i=i):
+                    active.append((name, i))
+                    ran.setdefault(name, set()).add(i)
+
+                def post(m, args, out):
+                    active.pop()
+                handles.append(child.register_forward_pre_hook(pre))
+                handles.append(child.register_forward_hook(post, always_call=True))
+    try:
+        with torch.no_grad(), _no_cache_config(model), Softmaxes():
+            model(probe, use_cache=False)
+    except Exception:  # noqa: BLE001 - no probe, no verdict: the export's own steps decide
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if with_attn:
+        path = min(with_attn, key=lambda p: (-len(with_attn[p]), len(p)))
+    elif ran and not fused and not with_scores:
+        path = min(ran, key=lambda p: (-len(ran[p]), len(p)))
+    else:
+        return None
+    without = sorted(ran[path] - with_scores.get(path, set()))
+    return (path, sorted(with_attn.get(path, ())), without) if without else None
+
+
 def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None,
                    kind: str = "decoder"):
     """Export `model(input_ids, <OPTIONAL_INPUTS[kind]>, use_cache=False)` with
@@ -476,6 +543,8 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
                 ep = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
             attempts.append((method + (" with the mask" if decoder and given else ""), _first_line(exc)))
+            if decoder and len(attempts) == 1 and seq_len is None:
+                _refuse_mixed_blocks(model, probe, attempts)
             continue
         ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
             if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None
@@ -494,6 +563,22 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
         f"that torch.export can capture from its input ids"
         f"{'' if decoder else ' with dynamic batch and sequence length'}.")
+
+
+def _refuse_mixed_blocks(model, probe, attempts) -> None:
+    """Before the fallback exports (a hybrid's recurrent scan exports in about
+    a minute a step on a CPU, and the steps end in a per-length export): where
+    some blocks run no attention softmax (`mixed_blocks`), discovery would
+    refuse the graph whatever the export, so refuse now with its reason."""
+    mixed = mixed_blocks(model, probe)
+    if mixed is None:
+        return
+    from fxlens.discovery.decoder import unmappable
+    path, with_attn, without = mixed
+    where = f"an attention softmax in {path}.{with_attn} only; " if with_attn else "no attention softmax; "
+    raise unmappable(
+        "blocks", f"{where}{path}.{without} mix tokens without one (a linear-attention or state-space "
+        f"mixer; the first export failed too, {attempts[0][0]}: {attempts[0][1]})", "attention in every block")
 
 
 def functionalise(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
