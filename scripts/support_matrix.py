@@ -208,6 +208,33 @@ def _per_layer(per_layer: dict, n: int, defaults: dict, out: dict) -> dict:
         kept[f"{new:02d}" if isinstance(key, str) else new] = scaled
     return kept
 
+
+def _shrunk(defaults: dict, out: dict, sizes: dict, found=None) -> dict:
+    """{(size name, default value): tiny value} over the config and its nested configs."""
+    found = {} if found is None else found
+    for k, v in out.items():
+        if k in sizes and _is_int(defaults.get(k)) and _is_int(v):
+            found[(k, defaults[k])] = v
+        elif isinstance(v, dict) and isinstance(defaults.get(k), dict):
+            _shrunk(defaults[k], v, sizes, found)
+    return found
+
+
+def _follow(defaults: dict, out: dict, shrunk: dict) -> None:
+    """A variant of a size the table names (`hidden_size_global` beside a nested
+    global config's `hidden_size`), at a default that size had somewhere in the
+    config, follows it to its tiny value (blt's local decoder projects the
+    global transformer's output with it)."""
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            _follow(v, out[k], shrunk)
+        elif out.get(k, v) == v and _is_int(v):   # not set (a nested config's out holds all its keys)
+            for (name, old), new in shrunk.items():
+                if k.startswith(name + "_") and v == old:
+                    out[k] = new
+                    break
+
+
 def tiny_config(model_type: str, sizes: str = "tiny"):
     """The config of a tiny `model_type`, from its own class's defaults (SIZES[sizes])."""
     from transformers import CONFIG_MAPPING
@@ -215,7 +242,9 @@ def tiny_config(model_type: str, sizes: str = "tiny"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         defaults = cls().to_dict()
-        cfg = cls(**_shrink(defaults, cls, SIZES[sizes]))
+        out = _shrink(defaults, cls, SIZES[sizes])
+        _follow(defaults, out, _shrunk(defaults, out, SIZES[sizes]))
+        cfg = cls(**out)
     if hasattr(cfg, "is_decoder"):
         cfg.is_decoder = True   # encoders used as causal LMs (BertLMHeadModel) ask for it
     return cfg
