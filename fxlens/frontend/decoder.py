@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from safetensors import SafetensorError
 
+from fxlens.discovery.decoder import unmappable
 from fxlens.frontend import compat
 from fxlens.errors import CaptureError
 
@@ -442,8 +444,6 @@ def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]]
     takes it; where none does, and no fused attention ran either, the list
     with the most blocks that ran. Returns (its path, the blocks with, the
     blocks without), or None where every block that ran has one."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     active: list[tuple[str, int]] = []
     ran: dict[str, set[int]] = {}
     with_attn: dict[str, set[int]] = {}
@@ -573,7 +573,6 @@ def _refuse_mixed_blocks(model, probe, attempts) -> None:
     mixed = mixed_blocks(model, probe)
     if mixed is None:
         return
-    from fxlens.discovery.decoder import unmappable
     path, with_attn, without = mixed
     where = f"an attention softmax in {path}.{with_attn} only; " if with_attn else "no attention softmax; "
     raise unmappable(
