@@ -188,8 +188,8 @@ def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatc
     no attention softmax, its block 1 does."""
     from fxlens.frontend import decoder as frontend
     hf = support_matrix.tiny_model("qwen3_5_text")
-    assert frontend.mixed_blocks(hf, torch.randint(0, 100, (2, 8))) == ("model.layers", [1], [0])
-    assert frontend.mixed_blocks(support_matrix.tiny_model("llama"), torch.randint(0, 100, (2, 8))) is None
+    assert frontend.mixed_blocks(hf, torch.randint(0, 100, (2, 11))) == ("model.layers", [1], [0])
+    assert frontend.mixed_blocks(support_matrix.tiny_model("llama"), torch.randint(0, 100, (2, 11))) is None
     calls = []
 
     def failing_export(*args, **kwargs):   # the first step's failure, without its minute
@@ -199,4 +199,4 @@ def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatc
     with pytest.raises(fxlens.UnmappableModelError) as err:
         fxlens.capture(hf)
     assert len(calls) == 1
-    assert "attention softmax in model.layers.[1] only; model.layers.[0] mix tokens without one" in str(err.value)
+    assert "attention softmax in model.layers.[1] only; model.layers.[0] mix tokens without [query, key] scores" in str(err.value)

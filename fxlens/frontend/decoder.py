@@ -432,38 +432,49 @@ _PROBE = {MASK_INPUT: torch.ones_like, "token_type_ids": torch.zeros_like}
 
 
 def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]] | None:
-    """Blocks of one `nn.ModuleList` of which some run no attention softmax,
+    """Blocks of one `nn.ModuleList` of which some compute no attention scores,
     seen in one eager forward on `probe`: a hybrid's linear-attention or
     state-space mixers beside its attention layers, or such mixers only.
 
-    An attention softmax here is an aten softmax over [batch, heads, query,
-    key] (4-d, batch and query the probe's), as discovery's blocks need one;
-    a block without is one that runs no softmax over [query, key] of any rank
-    (an MoE router's over its experts does not count). The list with the most
-    blocks that run one is taken (the shortest path on a tie), as discovery
-    takes it; where none does, and no fused attention ran either, the list
-    with the most blocks that ran. Returns (its path, the blocks with, the
-    blocks without), or None where every block that ran has one."""
+    A block with attention runs an aten softmax over [batch, heads, query,
+    key] (4-d, batch and query the probe's), as discovery's blocks need; one
+    without runs no softmax of rank 3 or more (an MoE router's over tokens x
+    experts does not count; bloom's over [batch*heads, query, key] and
+    cpmant's over its prompt and the probe do). The list with the most blocks
+    with attention is taken (the shortest path on a tie), as discovery takes
+    it. Where no block has attention, all the blocks of the list with the most
+    that ran are without only if none computes [query, key] scores of any
+    kind either (no value whose last two sizes are both the probe's length: a
+    mask, QK^T, a softmax written out) and no fused attention ran. Returns (its path,
+    the blocks with, the blocks without), or None where there are none
+    without or the forward fails."""
     active: list[tuple[str, int]] = []
     ran: dict[str, set[int]] = {}
     with_attn: dict[str, set[int]] = {}
+    with_softmax: dict[str, set[int]] = {}
     with_scores: dict[str, set[int]] = {}
     fused = []
     softmaxes = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
     batch, seq = probe.shape
 
-    class Softmaxes(TorchDispatchMode):
+    def mark(seen, value):
+        for path, i in active:
+            seen.setdefault(path, set()).add(i)
+
+    class Scores(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             if "scaled_dot_product" in str(func) or "flex_attention" in str(func):
                 fused.append(func)
-            if func in softmaxes and isinstance(out, torch.Tensor) and out.dim() >= 2 \
-                    and out.shape[-1] == out.shape[-2] == seq:
-                attn = out.dim() == 4 and out.shape[0] == batch
-                for path, i in active:
-                    with_scores.setdefault(path, set()).add(i)
-                    if attn:
-                        with_attn.setdefault(path, set()).add(i)
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if not (isinstance(t, torch.Tensor) and t.dim() >= 2):
+                    continue
+                if func in softmaxes and t.dim() == 4 and t.shape[0] == batch and t.shape[-2] == seq:
+                    mark(with_attn, t)
+                if func in softmaxes and t.dim() >= 3:
+                    mark(with_softmax, t)
+                if (func in softmaxes and t.dim() >= 3) or t.shape[-1] == t.shape[-2] == seq:
+                    mark(with_scores, t)
             return out
 
     handles = []
@@ -479,7 +490,7 @@ def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]]
                 handles.append(child.register_forward_pre_hook(pre))
                 handles.append(child.register_forward_hook(post, always_call=True))
     try:
-        with torch.no_grad(), _no_cache_config(model), Softmaxes():
+        with torch.no_grad(), _no_cache_config(model), Scores():
             model(probe, use_cache=False)
     except Exception:  # noqa: BLE001 - no probe, no verdict: the export's own steps decide
         return None
@@ -488,11 +499,12 @@ def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]]
             h.remove()
     if with_attn:
         path = min(with_attn, key=lambda p: (-len(with_attn[p]), len(p)))
+        without = sorted(ran[path] - with_softmax.get(path, set()))
     elif ran and not fused and not with_scores:
         path = min(ran, key=lambda p: (-len(ran[p]), len(p)))
+        without = sorted(ran[path])
     else:
         return None
-    without = sorted(ran[path] - with_scores.get(path, set()))
     return (path, sorted(with_attn.get(path, ())), without) if without else None
 
 
@@ -544,7 +556,7 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         except Exception as exc:
             attempts.append((method + (" with the mask" if decoder and given else ""), _first_line(exc)))
             if decoder and len(attempts) == 1 and seq_len is None:
-                _refuse_mixed_blocks(model, probe, attempts)
+                _refuse_mixed_blocks(model, probe, vocab, n_ctx, attempts)
             continue
         ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
             if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None
@@ -565,18 +577,21 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         f"{'' if decoder else ' with dynamic batch and sequence length'}.")
 
 
-def _refuse_mixed_blocks(model, probe, attempts) -> None:
+def _refuse_mixed_blocks(model, probe, vocab: int, n_ctx: int, attempts) -> None:
     """Before the fallback exports (a hybrid's recurrent scan exports in about
     a minute a step on a CPU, and the steps end in a per-length export): where
     some blocks run no attention softmax (`mixed_blocks`), discovery would
     refuse the graph whatever the export, so refuse now with its reason."""
-    mixed = mixed_blocks(model, probe)
+    # a length no head or chunk size of a tiny model shares (scores are [.., 11, 11])
+    length = 11 if n_ctx >= 11 else probe.shape[1]
+    mixed = mixed_blocks(model, torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0),
+                                              device=probe.device))
     if mixed is None:
         return
     path, with_attn, without = mixed
     where = f"an attention softmax in {path}.{with_attn} only; " if with_attn else "no attention softmax; "
     raise unmappable(
-        "blocks", f"{where}{path}.{without} mix tokens without one (a linear-attention or state-space "
+        "blocks", f"{where}{path}.{without} mix tokens without [query, key] scores (a linear-attention or state-space "
         f"mixer; the first export failed too, {attempts[0][0]}: {attempts[0][1]})", "attention in every block")
 
 
