@@ -478,3 +478,31 @@ def test_mla_processed_and_weights(mla):
     c = mla["hf"].config
     assert processed.blocks[0].attn.W_O.shape == (c.num_attention_heads, c.v_head_dim, c.hidden_size)
     assert processed.cfg.rotary_dim == c.qk_rope_head_dim
+
+
+def test_mla_without_q_latent_has_exact_w_q():
+    """DeepSeek-V2-Lite's layout (q_lora_rank None: q_proj reads the residual stream):
+    processed hook_q = ln1.hook_normalized @ W_Q + b_Q exactly as TransformerLens's;
+    W_K still refuses (k assembled from kv_b and the shared rope key)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import support_matrix
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = support_matrix.tiny_config("deepseek_v2")
+    cfg.q_lora_rank = None
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    support_matrix._perturb(hf, 1)
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = hf(tokens, use_cache=False).logits
+    model = fxlens.from_pretrained(hf)
+    logits, cache = model.run_with_cache(tokens)
+    assert_close(logits.log_softmax(-1), want.log_softmax(-1), "deepseek_v2 (no q latent) processed log-probs")
+    for L in range(cfg.num_hidden_layers):
+        attn = model.blocks[L].attn
+        q = torch.einsum("bsm,hmd->bshd", cache[f"blocks.{L}.ln1.hook_normalized"], attn.W_Q) + attn.b_Q
+        assert_close(q, cache[f"blocks.{L}.attn.hook_q"], f"blocks.{L}: ln1 @ W_Q + b_Q vs hook_q")
+        with pytest.raises(fxlens.errors.UnmappableModelError, match="kv_b_proj"):
+            attn.W_K

@@ -677,7 +677,7 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             chosen[role] = (node, g.head_layout(node, dr), sources[-1])
             assembled.add(role)
             indirect[role] = (f"{role} is assembled in {node.name} from several projections "
-                              f"({', '.join(s.name for s in sources)}), not read from one")
+                              f"({', '.join(module_path(s) or s.name for s in sources)}), not read from one")
             continue
         src = {r: op for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}[role]
         outside = [i for n in anc[role] | {src} for i in n.all_input_nodes
@@ -698,8 +698,8 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             x = walk_back(linear_parts(proj)[0], is_layout)[-1]
             earlier = [p for p in projs if p is not proj and p in (ancestors(x, inside) | {x})]
             if earlier:
-                indirect[role] = (f"the {role} projection {proj.name} reads a low-rank latent made by "
-                                  f"{', '.join(p.name for p in earlier)}, not the residual stream")
+                indirect[role] = (f"the {role} projection {module_path(proj) or proj.name} reads a low-rank latent made by "
+                                  f"{', '.join(module_path(p) or p.name for p in earlier)}, not the residual stream")
     qkv = {role: (chosen[role][0], chosen[role][2]) for role in "qkv"}
     n_kv = chosen["k"][1].heads
 
