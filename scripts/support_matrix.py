@@ -209,6 +209,10 @@ def _per_layer(per_layer: dict, n: int, defaults: dict, out: dict) -> dict:
     return kept
 
 
+WIDTHS = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+ADAPTER_WIDTHS = ("_in_dim", "_out_dim", "_input_size", "_output_size")
+
+
 def _shrunk(defaults: dict, out: dict, sizes: dict, found=None) -> dict:
     """{(size name, default value): tiny value} over the config and its nested configs."""
     found = {} if found is None else found
@@ -224,13 +228,15 @@ def _follow(defaults: dict, out: dict, shrunk: dict) -> None:
     """A variant of a size the table names (`hidden_size_global` beside a nested
     global config's `hidden_size`), at a default that size had somewhere in the
     config, follows it to its tiny value (blt's local decoder projects the
-    global transformer's output with it)."""
+    global transformer's output with it); so does an adapter's input or
+    output width (`*_in_dim`, `*_out_dim`, `*_input_size`, `*_output_size`) at a model width's default
+    (dots3_note's vision adapter, from its own width to the text model's)."""
     for k, v in defaults.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             _follow(v, out[k], shrunk)
         elif out.get(k, v) == v and _is_int(v):   # not set (a nested config's out holds all its keys)
             for (name, old), new in shrunk.items():
-                if k.startswith(name + "_") and v == old:
+                if v == old and (k.startswith(name + "_") or (name in WIDTHS and k.endswith(ADAPTER_WIDTHS))):
                     out[k] = new
                     break
 

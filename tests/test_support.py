@@ -174,6 +174,11 @@ def test_tiny_config_keeps_dependent_fields_consistent():
     g3n = support_matrix.tiny_config("gemma3n_text")
     assert g3n.num_kv_shared_layers == 0 and g3n.intermediate_size == [128, 128]
     assert g3n.vocab_size_per_layer_input == support_matrix.VOCAB
+    # an adapter's widths follow the model widths they equal by default (dots3_note's
+    # vision adapter: its own width in, the text model's out)
+    d3 = support_matrix.tiny_config("dots3_note")
+    assert d3.vision_config.adapter_in_dim == d3.vision_config.hidden_size == 64
+    assert d3.vision_config.adapter_out_dim == d3.text_config.hidden_size == 64
     for t in ("gemma4_text", "mamba2", "gemma3n_text"):
         hf = support_matrix.tiny_model(t)
         with torch.no_grad():
