@@ -106,24 +106,7 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
         # larger than the ids need
         if (k.endswith("vocab") or "vocab_size" in k) and k not in out and _is_int(v) and v > VOCAB:
             out[k] = VOCAB
-    # per-layer lists (layer_types, ...): keep the first and the last entry (a
-    # per-layer size the table names at its tiny value), per-layer overrides
-    # (`per_layer_config`) of those two layers, and counts of layers in a role
-    # (`num_kv_shared_layers`) scaled to the new layer count
-    n_key = _mapped(cls, "num_hidden_layers")
-    n = defaults.get(n_key)
-    if isinstance(n, int) and n > N_LAYERS:
-        for k, v in defaults.items():
-            if isinstance(v, (list, tuple)) and len(v) == n:
-                kept = [v[0], v[-1]]
-                if k in sizes and all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
-                    kept = [sizes[k]] * N_LAYERS
-                out[k] = kept
-            elif k == "per_layer_config" and isinstance(v, dict):
-                out[k] = _per_layer(v, n, defaults, out)
-            elif k.startswith("num_") and k.endswith("_layers") and k != n_key and isinstance(v, int) \
-                    and not isinstance(v, bool) and N_LAYERS <= v <= n:
-                out[k] = N_LAYERS if v == n else v * N_LAYERS // n
+    _keep_every_layer_kind(defaults, cls, out, sizes)
     # special token ids must lie inside the tiny vocabulary
     spare = iter(range(VOCAB - 1, 0, -1))
     for k, v in defaults.items():
@@ -142,6 +125,54 @@ def _shrink(defaults: dict, cls, sizes: dict = TINY) -> dict:
                 continue
             out[k] = {**v, **_shrink(v, sub, sizes)}
     return out
+
+
+def _keep_every_layer_kind(defaults: dict, cls, out: dict, sizes: dict) -> None:
+    """Per-layer lists (layer_types, layers_block_type, ...): the tiny model keeps the
+    first and last layer and the first layer of every other kind any list names, so
+    a hybrid stays a hybrid (a conv or linear-attention layer next to an attention
+    one, a sliding and a full one) and is checked as one; num_hidden_layers grows to
+    match. A per-layer size the table names takes its tiny value; lists of layer
+    indices (moe_layers, full_attn_idxs) are renumbered, per-layer overrides
+    (`per_layer_config`) kept for the kept layers, and counts of layers in a role
+    (`num_kv_shared_layers`) scaled to the new layer count."""
+    n_key = _mapped(cls, "num_hidden_layers")
+    n = defaults.get(n_key)
+    if not isinstance(n, int) or n <= N_LAYERS:
+        return
+
+    def is_indices(v):      # layer numbers, increasing (all of them is still a list of indices)
+        return bool(v) and all(_is_int(i) for i in v) and 0 <= v[0] and all(a < b for a, b in zip(v, v[1:])) \
+            and v[-1] < n
+    lists = {k: v for k, v in defaults.items() if isinstance(v, (list, tuple))}
+    indices = {k: v for k, v in lists.items() if is_indices(v)}
+    per_layer = {k: v for k, v in lists.items() if len(v) == n and k not in indices}
+    keep = {0, n - 1}
+    for v in per_layer.values():
+        first = {}
+        for i, x in enumerate(v):
+            first.setdefault(repr(x), i)
+        keep |= set(first.values())
+    for v in indices.values():               # a layer listed and one not
+        keep.add(v[0])
+        keep.add(next((i for i in range(n) if i not in v), 0))
+    keep = sorted(keep)
+    new = {old: j for j, old in enumerate(keep)}
+    n_new = len(keep)
+    for k, v in per_layer.items():
+        kept = [v[i] for i in keep]
+        if k in sizes and all(_is_int(i) for i in kept):
+            kept = [sizes[k]] * n_new
+        out[k] = kept
+    for k, v in indices.items():
+        out[k] = [new[i] for i in v if i in new]
+    for k, v in defaults.items():
+        if k == "per_layer_config" and isinstance(v, dict):
+            out[k] = _per_layer(v, new, defaults, out)
+        elif k.startswith("num_") and k.endswith("_layers") and k != n_key and _is_int(v) and N_LAYERS <= v <= n:
+            out[k] = n_new if v == n else v * n_new // n
+    if n_new > out.get(n_key, N_LAYERS):
+        out[n_key] = n_new
 
 
 # per-head widths: their defaults may be tied (DeepSeek-V3: head_dim = qk_rope_head_dim,
@@ -189,15 +220,13 @@ def _scale_heads(defaults: dict, out: dict, cls) -> None:
             out[k] = max(1, min(v, round(v * factor)))
 
 
-def _per_layer(per_layer: dict, n: int, defaults: dict, out: dict) -> dict:
-    """`per_layer_config` ({layer index: overrides}) for the layers kept (the
-    first and the last, now 0 and 1), each overriding size scaled by the
-    factor its global field was (a 512-wide head next to a 256-wide global one
-    stays twice the tiny one)."""
+def _per_layer(per_layer: dict, renumber: dict, defaults: dict, out: dict) -> dict:
+    """`per_layer_config` ({layer index: overrides}) for the layers kept (`renumber`:
+    old index -> new), each overriding size scaled by the factor its global field
+    was (a 512-wide head next to a 256-wide global one stays twice the tiny one)."""
     kept = {}
     for key, overrides in per_layer.items():
-        idx = int(key)
-        new = 0 if idx == 0 else N_LAYERS - 1 if idx == n - 1 else None
+        new = renumber.get(int(key))
         if new is None:
             continue
         scaled = {}
