@@ -407,6 +407,15 @@ def test_the_work_before_the_hook_is_reused_and_never_stale(tiny_sweep):
     tokens tensor edited, a cached prefix value the caller edits, autograd -- runs it
     again and gives the eager model's numbers (COMPILED_RTOL, as above)."""
     model, corrupt, site, act, want = tiny_sweep
+    runner = model._compiled
+    model.compile(backend="eager", reuse_prefix=True)          # opt-in (see fxlens.runtime.prefix)
+    try:
+        _check_prefix_reuse(model, corrupt, site, act, want)
+    finally:
+        model._compiled = runner
+
+
+def _check_prefix_reuse(model, corrupt, site, act, want):
     stats = lambda: (model.compile_stats()["prefix_reused"], model.compile_stats()["prefix_run"])  # noqa: E731
     patch = lambda p: [(site, functools.partial(_patch, pos=p, clean_act=act))]  # noqa: E731
     with torch.no_grad():
@@ -432,6 +441,29 @@ def test_the_work_before_the_hook_is_reused_and_never_stale(tiny_sweep):
         finally:
             weight.div_(1.5)
         check(corrupt, f"{name} restored")
+        # fxlens's own weight view (a head's W_O zeroed, as TransformerLens users ablate)
+        w_o = model.blocks[0].attn.W_O
+        saved = w_o[1].clone()
+        w_o[1] = 0.0
+        try:
+            check(corrupt, "blocks.0.attn.W_O[1] zeroed through the weight view")
+        finally:
+            w_o[1] = saved
+        check(corrupt, "W_O restored")
+        # autocast changes what the prefix computes: not the last call's
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = stats()
+            model.run_with_hooks(corrupt, fwd_hooks=patch(2))
+            assert stats()[1] == before[1] + 1
+        check(corrupt, "autocast off again")
+        # past the budget nothing is kept: every call runs its prefix
+        budget, model._compiled.kept_budget.max_bytes = model._compiled.kept_budget.max_bytes, 0
+        try:
+            check(tokens(2, 6, seed=4), "no budget")           # runs, keeps nothing
+            check(corrupt, "no budget: the last call kept nothing")
+            check(corrupt, "no budget: nor did this one")
+        finally:
+            model._compiled.kept_budget.max_bytes = budget
         mine = corrupt.clone()
         model.run_with_hooks(mine, fwd_hooks=patch(2))
         mine[0, 0] = (mine[0, 0] + 1) % model.cfg.d_vocab    # the caller's tokens tensor, edited

@@ -76,3 +76,39 @@ def test_center_unembed_on_a_tiny_graph():
     assert torch.allclose(got.log_softmax(-1), want.log_softmax(-1), atol=ATOL)   # log-probs kept
     assert torch.allclose(got.mean(-1), torch.zeros(3), atol=ATOL)                 # logits centred
     assert not torch.allclose(got, want, atol=1e-3)
+
+
+def test_relative_bias_matches_only_a_positional_score_bias():
+    """relative_bias rewrites a baddbmm whose bias is made from positions and whose
+    product is softmaxed over keys (ALiBi), and leaves a learned bias (RecurrentGemma's
+    gates: a parameter, no softmax) alone. The rewrite changes each query row by one
+    constant, so the softmax output is unchanged (float32 rounding: 1e-6)."""
+    from fxlens.passes import relative_bias
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.randn(4, 8))
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 8))
+
+        def forward(self, x):
+            return torch.baddbmm(self.b[:, None, :], x, self.w)
+
+    class LearnedIntoSoftmax(Gate):
+        def forward(self, x):
+            return torch.softmax(super().forward(x), -1)
+
+    class Alibi(torch.nn.Module):
+        def forward(self, q, k):
+            bias = torch.arange(k.shape[-1], dtype=q.dtype).expand(q.shape[0], 1, -1) * 0.5
+            return torch.softmax(torch.baddbmm(bias, q, k), -1)
+
+    x = torch.randn(4, 3, 8)
+    for m in (Gate(), LearnedIntoSoftmax()):
+        gm = torch.export.export(m, (x,)).module()
+        assert relative_bias(gm).matched == 0, type(m).__name__
+    q, k = torch.randn(4, 5, 8), torch.randn(4, 8, 5)
+    gm = torch.export.export(Alibi(), (q, k)).module()
+    want = gm(q, k)
+    assert relative_bias(gm).matched == 1
+    assert torch.allclose(gm(q, k), want, atol=1e-6)

@@ -254,6 +254,13 @@ def _softmax_heads(g: "ShapedGraph", n: fx.Node) -> int | None:
     return None
 
 
+def _batch_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
+    """Every softmax over a value of rank 3 or more whose first dimension is the batch
+    (attention-like scores of any layout; `_attention_softmaxes` takes the mappable ones)."""
+    return [n for n in nodes if n.op == "call_function" and n.target in SOFTMAX_OPS
+            and len(shape(n) or ()) >= 3 and same_size(shape(n)[0], g.batch)]
+
+
 def _attention_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
     """Softmaxes over [batch, head, query, key] scores, or [batch*head, query, key]
     ones (see `_softmax_heads`); not an MoE router's."""
@@ -273,8 +280,7 @@ def _no_attention(g: ShapedGraph) -> UnmappableModelError:
     if sdpa:
         return _fail("attention", f"{len(sdpa)} fused attention node(s) and no softmax",
                      "an explicit attention softmax (load the model with attn_implementation='eager')")
-    soft = [n for n in g.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_OPS
-            and len(shape(n) or ()) >= 3 and same_size(shape(n)[0], g.batch)]
+    soft = _batch_softmaxes(g, g.graph.nodes)
     if soft:
         s = shape(soft[0])
         more = s[-2] - g.seq
@@ -546,8 +552,7 @@ def _single_stream(g: ShapedGraph, attn: str, aset: set, softmax, scores, scores
     QK^T -> softmax -> pattern@V does not hold: another softmax over per-position
     scores in it (ProphetNet's n-gram stream), or a second product of the queries
     added to QK^T (Transformer-XL / XLNet's relative-position term)."""
-    others = [n for n in aset if n is not softmax and n.op == "call_function" and n.target in SOFTMAX_OPS
-              and len(shape(n) or ()) >= 3 and same_size(shape(n)[0], g.batch)]
+    others = [n for n in _batch_softmaxes(g, aset) if n is not softmax]
     if others:
         raise _fail(f"attention {attn}", f"the attention softmax {_describe(softmax)} and {len(others)} more "
                     f"({', '.join(_describe(n) for n in others)}): another attention stream",

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from fxlens.discovery.decoder import unmappable
 from fxlens.frontend import compat
 from fxlens.errors import CaptureError
+from fxlens.ir.graph import SOFTMAX_OPS
 
 
 @dataclass
@@ -454,7 +455,7 @@ def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]]
     with_softmax: dict[str, set[int]] = {}
     with_scores: dict[str, set[int]] = {}
     fused = []
-    softmaxes = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+    softmaxes = SOFTMAX_OPS
     batch, seq = probe.shape
 
     def mark(seen, value):

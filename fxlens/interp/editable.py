@@ -80,7 +80,7 @@ class EditableWeight(torch.Tensor):
                     raise WeightEditError(f"{self._fxlens_name}: {src.why}")
                 pos = src.index[changed]
                 where = torch.unravel_index(pos, src.param.shape)
-                stored = src.param.data
+                stored = src.param    # in place on the parameter: its version counter moves
                 done.append((stored, where, stored[where].clone()))
                 with torch.no_grad():
                     stored.index_put_(where, new[changed].to(stored.dtype))

@@ -67,7 +67,7 @@ import torch.fx as fx
 from fxlens.frontend.decoder import has_mask_input
 from fxlens.discovery.names import canonical_order
 from fxlens.passes.segment import Segment
-from fxlens.runtime.prefix import PrefixReuse
+from fxlens.runtime.prefix import KeptBudget, PrefixReuse
 from fxlens.pipeline import VARIANT_ADVICE, Context, run_pipeline, variant_pipeline
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
@@ -184,7 +184,7 @@ class CompiledRunner:
 
     def __init__(self, model, *, backend="inductor", mode: str | None = None,
                  options: dict | None = None, dynamic: bool = True, fullgraph: bool = True,
-                 fuse_attention: bool = True, hooks: str = "python", reuse_prefix: bool = True):
+                 fuse_attention: bool = True, hooks: str = "python", reuse_prefix: bool = False):
         if hooks not in HOOK_MODES:
             raise ValueError(f"hooks={hooks!r}: use 'python' (hooks run between compiled segments; "
                              f"new hook functions never recompile) or 'traced' (hooks compiled into "
@@ -198,6 +198,7 @@ class CompiledRunner:
         self.fuse_attention = fuse_attention
         self.hooks = hooks
         self.reuse_prefix = reuse_prefix
+        self.kept_budget = KeptBudget()      # the bytes kept prefixes may hold (fxlens.runtime.prefix)
         self.variants: dict[tuple, Variant] = {}
         self.segments: dict[str, CompiledSegment] = {}   # Segment.key -> its compiled code
         self.graph_version = self._version()
@@ -237,7 +238,7 @@ class CompiledRunner:
                         segmented=segmented, takes_mask=has_mask_input(gm))
             if segmented:
                 v.segments = tuple(self._use_compiled_segments(gm))
-                v.prefix = PrefixReuse.build(gm) if self.reuse_prefix else None
+                v.prefix = PrefixReuse.build(gm, self.kept_budget) if self.reuse_prefix else None
                 v.fn = v.prefix or gm
             else:
                 v.fn = torch.compile(gm, backend=self._counting_backend(v), dynamic=self.dynamic,

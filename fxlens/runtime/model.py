@@ -137,7 +137,7 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
     # --- compiling -----------------------------------------------------------------------
     def compile(self, *, mode: str | None = None, backend="inductor", options: dict | None = None,
                 dynamic: bool = True, fuse_attention: bool = True, hooks: str = "python",
-                reuse_prefix: bool = True) -> "HookedModel":
+                reuse_prefix: bool = False) -> "HookedModel":
         """Run through `torch.compile` from now on (see `fxlens.runtime.compiled`).
 
         Each set of observed sites gets its own specialised graph: `run_with_cache`
@@ -151,9 +151,11 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         new hook function recompiles; for a fixed hook set). Compilation is lazy
         (the first call with a new site set takes seconds); new batch sizes and
         sequence lengths reuse it (batch 1 or a 1-token input compiles once more).
-        `reuse_prefix` (hooks="python"): the work before the first hooked site is
-        not redone while the inputs and weights equal the last call's (a sweep
-        over positions at one layer; see `fxlens.runtime.prefix`).
+        `reuse_prefix=True` (hooks="python"; opt-in): the work before the first
+        hooked site is not redone while the inputs and weights equal the last
+        call's (a sweep over positions at one layer). Weight edits must then go
+        through the weight views or in-place ops on the parameters, not through
+        `param.data`, which no version counter sees (`fxlens.runtime.prefix`).
         Returns self.
         """
         self._compiled = CompiledRunner(self, backend=backend, mode=mode, options=options,

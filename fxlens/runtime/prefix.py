@@ -18,7 +18,18 @@ and weights are the last call's:
             in-place edit, `load_state_dict`, a weight-editing API bumps it)
   grad      never with autograd recording (grad enabled and a weight or input
             that requires grad): backward hooks and `.backward()` see a fresh graph
-  mode      inference mode on or off as last time (its tensors differ in kind)
+  mode      inference mode and autocast (on, off, its dtype) as last time
+
+Opt-in (`model.compile(reuse_prefix=True)`), because one kind of weight edit
+cannot be seen: a write through `param.data` (`p.data[...] = x`,
+`p.data.copy_(y)`) bumps no version counter. Edits through fxlens's weight views
+(`model.blocks[L].attn.W_O[h] = 0`), in-place ops on the parameters under
+`torch.no_grad()`, `load_state_dict` and `.to()` are all seen.
+
+Kept prefixes share one budget per runner (`KeptBudget`, 1 GiB by default):
+past it, the least recently used variant's kept outputs are dropped (it runs its
+prefix again next time), so a sweep over many layers does not pin one residual
+stream per layer without bound.
 
 The kept outputs are only ever handed to compiled segments, which read them; an
 output that reaches a hook (the hooked activation itself, which a patching hook
@@ -58,20 +69,54 @@ def _same_input(kept, new) -> bool:
             and torch.equal(kept, new))
 
 
+class KeptBudget:
+    """The bytes the kept prefixes of one runner may hold; least recently used first out."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._held: dict = {}           # PrefixReuse -> bytes, oldest first
+
+    def hold(self, owner: "PrefixReuse", nbytes: int) -> bool:
+        """Record `owner`'s kept outputs (most recent); False if they alone exceed the budget."""
+        self._held.pop(owner, None)
+        if nbytes > self.max_bytes:
+            return False
+        self._held[owner] = nbytes
+        while sum(self._held.values()) > self.max_bytes:
+            oldest = next(iter(self._held))
+            del self._held[oldest]
+            oldest._kept = None
+        return True
+
+    def touch(self, owner: "PrefixReuse") -> None:
+        if owner in self._held:
+            self._held[owner] = self._held.pop(owner)
+
+
+def _nbytes(values) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+
+def _autocast_state() -> tuple:
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
 class PrefixReuse:
     """A segmented variant's top-level graph as prefix + rest, the prefix's outputs
     reused while inputs and weights are unchanged. Counts `hits` and `misses`."""
 
     def __init__(self, prefix: fx.GraphModule, rest: fx.GraphModule, weights: list[str],
-                 copy_out: list[bool]):
+                 copy_out: list[bool], budget: KeptBudget | None = None):
         self.prefix, self.rest = prefix, rest
-        self.weights = [operator.attrgetter(t) for t in weights]
+        # the tensors the prefix's get_attr nodes read (the prefix module holds them)
+        self.weights = [operator.attrgetter(t)(prefix) for t in weights]
         self.copy_out = copy_out
+        self.budget = budget if budget is not None else KeptBudget()
         self.hits = self.misses = 0
-        self._kept = None          # (inputs, weight keys, inference mode, outputs)
+        self._kept = None          # (inputs, weight keys, mode, outputs)
 
     @classmethod
-    def build(cls, top: fx.GraphModule) -> "PrefixReuse | None":
+    def build(cls, top: fx.GraphModule, budget: KeptBudget | None = None) -> "PrefixReuse | None":
         """None where there is nothing to reuse (no segment before the first hook) or a
         segment could mutate a value it reads."""
         graph = top.graph
@@ -118,19 +163,20 @@ class PrefixReuse:
                     for n in crossing]
         weights = [n.target for n in early if n.op == "get_attr"]
         return cls(fx.GraphModule(top, pg, class_name="FxlensPrefix"),
-                   fx.GraphModule(top, rg, class_name="FxlensRest"), weights, copy_out)
+                   fx.GraphModule(top, rg, class_name="FxlensRest"), weights, copy_out, budget)
 
     def __call__(self, *args):
-        weights = [get(self.prefix) for get in self.weights]
+        weights = self.weights
         recording = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (*weights, *args))
         keys = None if recording else [_weight_key(w) for w in weights]
         reusable = keys is not None and None not in keys
-        inference = torch.is_inference_mode_enabled()
+        mode = (torch.is_inference_mode_enabled(), _autocast_state())
         kept = self._kept
-        if reusable and kept is not None and kept[1] == keys and kept[2] == inference and \
+        if reusable and kept is not None and kept[1] == keys and kept[2] == mode and \
                 len(kept[0]) == len(args) and all(_same_input(k, a) for k, a in zip(kept[0], args)):
             self.hits += 1
+            self.budget.touch(self)
             outs = kept[3]
         else:
             self.misses += 1
@@ -138,7 +184,8 @@ class PrefixReuse:
             self._kept = None
             if reusable:
                 copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-                self._kept = (copies, keys, inference, outs)
+                if self.budget.hold(self, _nbytes(outs) + _nbytes(copies)):
+                    self._kept = (copies, keys, mode, outs)
         if self._kept is not None:   # the kept outputs stay ours: hooks and callers get copies
             outs = [o.clone() if copy and isinstance(o, torch.Tensor) else o
                     for o, copy in zip(outs, self.copy_out)]
