@@ -69,8 +69,11 @@ def test_dump_per_pass_writes_the_graph_after_each_pass(capsys, tmp_path):
     assert code == 0, err
     passes = sorted(tmp_path.glob("gpt2.*-*.txt"))
     assert [p.name for p in passes] == ["gpt2.01-split_shared_norms.txt", "gpt2.02-expose_norms.txt",
-                                        "gpt2.03-discover_sites.txt", "gpt2.04-insert_hooks.txt"]
-    _, norms, found, hooked = (p.read_text() for p in passes)
+                                        "gpt2.03-relative_bias.txt", "gpt2.04-discover_sites.txt",
+                                        "gpt2.05-insert_hooks.txt"]
+    _, norms, relative, found, hooked = (p.read_text() for p in passes)
+    # GPT-2 has no ALiBi: relative_bias matches nothing (the graph below the header is unchanged)
+    assert relative.split("\n", 1)[1] == norms.split("\n", 1)[1]
     n_hooks = len(oracle_model("gpt2").hook_names)
     # before discovery no sites; after it sites are annotated, not yet hooked
     assert "sites=" not in norms and "site=" not in norms and "created_by=expose_norms" in norms
