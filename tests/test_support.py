@@ -142,6 +142,36 @@ def test_gemma4_post_norms_per_layer_branch_and_layer_gain():
         assert close(processed(ids).log_softmax(-1), want["logits"].log_softmax(-1))
 
 
+def test_sparse_attention_indexer_is_part_of_the_mask():
+    """DeepSeek-V3.2's indexer (the DSA family: glm_moe_dsa, axk2, dots3_note) scores
+    keys with a second product of the queries' latent, keeps the top k and masks
+    the rest: integer indices scattered into a boolean mask, not a term added to
+    QK^T. With index_topk below the length the mask is live: each pattern row
+    holds at most k keys, equal to HF's attentions; generation recomputes the
+    prefix (the indexer's keys have no cache) and gives HF's tokens."""
+    from transformers import AutoModelForCausalLM
+    cfg = support_matrix.tiny_config("deepseek_v32")
+    cfg.index_topk = 3           # the sweep's 2048 keeps every key of a 7-token input
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = hf(ids, use_cache=False, output_attentions=True)
+        want_tokens = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    logits, cache = model.run_with_cache(ids)
+    # float32 rounding, ~1e-7 of the log-probs in the sweep
+    assert support_matrix.rel_err(logits.log_softmax(-1), out.logits.log_softmax(-1)) <= 1e-4
+    for L, want in enumerate(out.attentions):
+        got = cache[f"blocks.{L}.attn.hook_pattern"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert int((got > 0).sum(-1).max()) == 3      # the top-3 keys of every later query
+    from fxlens.runtime.generate import KVCacheWarning
+    with pytest.warns(KVCacheWarning, match="recomputing the prefix"):
+        tokens = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, want_tokens)
+
+
 # structures refused with what was found (issue 10): the reason names the structure
 REFUSED = {
     "jetmoe": "routed attention experts",       # mixture of attention heads: q from routed experts

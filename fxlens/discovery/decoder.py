@@ -547,11 +547,23 @@ def _around(softmax: fx.Node, aset: set) -> str:
     return f"scores from {_describe(back)} and the pattern read by {[_describe(u) for u in fwd] or 'nothing'}"
 
 
+def _carries_values(n: fx.Node) -> bool:
+    """Whether a node's value is floating point (or a tuple holding one): what a
+    score term is made of, unlike indices and masks."""
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    return any(not isinstance(v, torch.Tensor) or v.dtype.is_floating_point for v in vals)
+
+
 def _single_stream(g: ShapedGraph, attn: str, aset: set, softmax, scores, scores_mm, z_mm) -> None:
     """Refuse an attention whose scores or pattern TransformerLens's one stream of
     QK^T -> softmax -> pattern@V does not hold: another softmax over per-position
     scores in it (ProphetNet's n-gram stream), or a second product of the queries
-    added to QK^T (Transformer-XL / XLNet's relative-position term)."""
+    added to QK^T (Transformer-XL / XLNet's relative-position term). A product
+    that reaches the scores only through integer or boolean values (top-k
+    indices scattered into a mask, a comparison) chooses which keys are masked
+    and adds nothing to them: DeepSeek-V3.2's sparse-attention indexer is such
+    a mask, kept as part of the attention mask."""
     others = [n for n in _batch_softmaxes(g, aset) if n is not softmax]
     if others:
         raise _fail(f"attention {attn}", f"the attention softmax {_describe(softmax)} and {len(others)} more "
@@ -559,7 +571,7 @@ def _single_stream(g: ShapedGraph, attn: str, aset: set, softmax, scores, scores
                     "one softmax per attention (TransformerLens's hook_pattern has one stream)")
     q_op = _operands(scores_mm)[0]
     q_anc = ancestors(q_op, lambda n: n in aset) | {q_op}
-    between = ancestors(scores, lambda n: n in aset and n is not scores_mm) | {scores}
+    between = ancestors(scores, lambda n: n in aset and n is not scores_mm and _carries_values(n)) | {scores}
     extra = [n for n in between if n is not scores_mm and _is_product(n) and scores_mm not in ancestors(n)
              and any(a in q_anc or (ancestors(a) & q_anc) for a in _operands(n))]
     if extra:
