@@ -12,6 +12,8 @@
                 when hooks do not run between compiled segments)
     KV_PREFILL  kv_prefill   (on a copy of an instrumented graph: generation's
     KV_DECODE   kv_decode     prompt pass, and its one-token steps)
+    KV_VARIANT  mark_boundaries, specialise, segment   (compiled generation: a
+                copy of the prefill or decode graph, cut into segments)
 
 `reprocess` runs PROCESSING passes on an already instrumented graph
 (HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
@@ -111,6 +113,17 @@ VARIANT = (
     ("specialise", lambda gm, ctx: specialise(gm, list(ctx.cached), set(ctx.hooked))),
     ("fuse_attention", lambda gm, ctx: fuse_attention(gm)),
     ("segment", lambda gm, ctx: segment(gm)),
+)
+
+
+# compiled generation (fxlens.runtime.kv_cache): a copy of the prefill or decode graph
+# keeping the hooked sites only, its keys and values returned, cut into segments at the
+# block boundaries, so that equal blocks compile once (not one whole-model graph each)
+KV_VARIANT = (
+    VARIANT[0],
+    ("specialise", lambda gm, ctx: specialise(gm, (), set(ctx.hooked), keep_outputs=True)),
+    VARIANT[2],
+    VARIANT[-1],
 )
 
 

@@ -223,6 +223,11 @@ def _decode(gm: fx.GraphModule, n_layers: int, mask_input: str, positions_tag: s
             last_placeholder = past
             with graph.inserting_before(mm):
                 cat = graph.call_function(aten.cat.default, ([past, x], dim))
+            # the new keys' value for the cache and the concatenation: which sizes are
+            # symbolic (batch, length) and which static, what a compiled segment marks and
+            # fuse_attention reads (their length is the cache's, not the new keys')
+            if "val" in x.meta:
+                past.meta["val"] = cat.meta["val"] = x.meta["val"]
             mm.replace_input_with(x, cat)
             pasts.append(past)
             cats.append(cat)
@@ -295,7 +300,10 @@ def _carry_terms(graph, src: fx.Graph, env, back, terms, inputs, ids, full_ids) 
                     n_all = graph.call_function(aten.sym_size.int, (full_ids, 1))
                     n_new = graph.call_function(aten.sym_size.int, (ids, 1))
                     start = graph.call_function(operator.sub, (n_all, n_new))
-                    term = graph.call_function(aten.slice.Tensor, (term, axis, start, n_all))
+                    sliced = graph.call_function(aten.slice.Tensor, (term, axis, start, n_all))
+                    if "val" in term.meta:        # its dtype and which sizes are symbolic
+                        sliced.meta["val"] = term.meta["val"]
+                    term = sliced
             rows[top] = term
         user.replace_input_with(operand, rows[top])
     return windows

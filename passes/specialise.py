@@ -24,7 +24,8 @@ heads -> select, ...), the very function the eager HookPoint runs, so the
 cached tensor comes out of the compiled graph in TransformerLens's layout.
 Requires insert_hooks (and materialise_opt_in for any opt-in site named).
 Invariant: the HookPoint nodes left are exactly the hooked sites, and the
-output holds 1 + len(cached) values.
+output holds 1 + len(cached) values (with `keep_outputs`, the graph's own
+outputs + len(cached)).
 """
 
 from __future__ import annotations
@@ -91,7 +92,11 @@ def inline_layout_modules(gm: fx.GraphModule) -> int:
     return n_done
 
 
-def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str]) -> PassResult:
+def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str],
+               keep_outputs: bool = False) -> PassResult:
+    """`keep_outputs`: every output the graph returns stays, the cached values after
+    them (generation's prefill and decode graphs return each layer's keys and
+    values after the logits); otherwise the logits alone come before them."""
     graph = gm.graph
     hooks = hook_nodes(graph)
     missing = [n for n in (*cached, *hooked) if n not in hooks]
@@ -108,10 +113,9 @@ def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str
         with graph.inserting_before(src.next):   # in order, right after the value
             outputs.append(to_tl_nodes(graph, src, layout, batch, name))
     out = graph.output_node()
-    logits = out.args[0]
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    out.args = ((logits, *outputs),)
+    returned = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    kept = tuple(returned) if keep_outputs else returned[:1]
+    out.args = ((*kept, *outputs),)
     for name, node in hooks.items():
         if name in hooked:
             continue
@@ -129,7 +133,7 @@ def specialise(gm: fx.GraphModule, cached: Sequence[str], hooked: Collection[str
     left = set(hook_nodes(graph))
     if left != hooked:
         raise PassError(NAME, f"HookPoints left {sorted(left ^ hooked)} differ from the hooked sites")
-    if len(graph.output_node().args[0]) != 1 + len(cached):
+    if len(graph.output_node().args[0]) != len(kept) + len(cached):
         raise PassError(NAME, "the output does not hold one value per cached site")
     return PassResult(NAME, matched=len(hooks),
                       details={"cached": len(cached), "hooked": len(hooked), "removed": removed,

@@ -290,25 +290,49 @@ def test_compiled_model_generates_with_one_graph():
 
 def test_compiled_generation_compiles_prefill_and_decode_once(caplog):
     """Two generations with other prompt lengths and max_new_tokens, then a left-padded
-    batch: one compiled prefill graph and one decode graph in all (dynamic batch, prompt
-    and cache lengths; the mask always given), each said on the fxlens.compile logger."""
+    batch: the prefill and decode graphs are cut into segments at block boundaries and
+    compiled on the first generation only (dynamic batch, prompt and cache lengths; the
+    mask always given): each graph's embedding, ONE block segment for all three
+    layers, and the unembedding (shared by both graphs; compiled once more for the
+    decode step's one position, a size dynamo specialises). Each compile is said on
+    the fxlens.compile logger. A hook on an attention output then cuts one more segment
+    boundary inside block 1 and compiles only the pieces whose code changed; a new hook function
+    compiles nothing."""
     model = fxlens.from_pretrained_no_processing(captured("gpt2")).compile(backend="eager")
     eager = oracle_model("gpt2")
     a, b = prompts(2, 5), prompts(2, 9, seed=1)
     rows = [prompts(1, 3, seed=2)[0], prompts(1, 6, seed=3)[0]]
     with caplog.at_level(logging.INFO, logger="fxlens.compile"):
         assert torch.equal(greedy(model, a, 8, stop_at_eos=False), greedy(eager, a, 8, stop_at_eos=False))
+        first = model.compile_stats()["compilations"]
+        assert first == 6
         assert torch.equal(greedy(model, b, 3, stop_at_eos=False), greedy(eager, b, 3, stop_at_eos=False))
-        assert model.compile_stats()["compilations"] == 2
         ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), rows[0]]), rows[1]])
         mask = torch.stack([(torch.arange(6) >= 3).long(), torch.ones(6, dtype=torch.long)])
         padded = greedy(model, ids, 4, stop_at_eos=False, attention_mask=mask, padding_side="left")
     for i, r in enumerate(rows):
         assert torch.equal(padded[i, 6 - len(r):], greedy(eager, r[None], 4, stop_at_eos=False)[0])
-    assert model.compile_stats()["compilations"] == 2
+    assert model.compile_stats()["compilations"] == first
     said = [r.getMessage() for r in caplog.records if r.name == "fxlens.compile"]
-    assert len(said) == 4, said
-    assert said[0].startswith("fxlens: compiling prefill of") and "graph nodes" in said[0]
-    assert re.fullmatch(r"fxlens: compiled prefill in \d+\.\d s", said[1])
-    assert said[2].startswith("fxlens: compiling decode of")
-    assert re.fullmatch(r"fxlens: compiled decode in \d+\.\d s", said[3])
+    assert len(said) == 2 * first, said
+    labels = [re.match(r"fxlens: compiling (\w+ segment \d) of .* \(\d+ graph nodes; backend eager\)", m)
+              for m in said[::2]]
+    assert all(labels), said
+    assert [m.group(1) for m in labels][:3] == ["prefill segment 0", "prefill segment 1", "prefill segment 2"]
+    assert all(re.fullmatch(rf"fxlens: compiled {m.group(1)} in \d+\.\d s", done)
+               for m, done in zip(labels, said[1::2]))
+
+    def steer(delta):   # along a direction (a constant shift would be cancelled by the next LayerNorm)
+        return lambda resid, hook: resid + delta * torch.linspace(-1, 1, resid.shape[-1])
+
+    # hooked inside a block: tokens as the eager model's with the same hook
+    with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", steer(2.0))]), \
+            eager.hooks(fwd_hooks=[("blocks.1.hook_attn_out", steer(2.0))]):
+        steered = greedy(model, a, 4, stop_at_eos=False)
+        assert torch.equal(steered, greedy(eager, a, 4, stop_at_eos=False))
+    assert not torch.equal(steered, greedy(eager, a, 4, stop_at_eos=False))     # the hook acted
+    hooked = model.compile_stats()["compilations"]
+    assert first < hooked
+    with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", steer(-1.0))]):   # a new function
+        greedy(model, a, 4, stop_at_eos=False)
+    assert model.compile_stats()["compilations"] == hooked

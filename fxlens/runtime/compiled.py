@@ -42,6 +42,11 @@ Two ways to run the hooks (`HookedModel.compile(hooks=...)`):
       dynamo's recompile limit sends the site to eager. A hook dynamo cannot
       trace (a graph break) makes the call run eagerly, with one warning.
 
+Generation's prefill and decode graphs (`fxlens.runtime.kv_cache`) are cut the
+same way (`kv_variant`: pipeline.KV_VARIANT), whether or not a site is hooked:
+a whole-model graph per step kind costs inductor minutes on a 30-layer model,
+one shared block segment seconds. Their segments join the runner's shared ones.
+
 Segments and traced variants compile with `dynamic=True`: a new batch size or
 sequence length reuses the compiled code. Size-1 dimensions are specialised by
 dynamo, so the first call with batch 1 (or a 1-token sequence) compiles once
@@ -68,7 +73,7 @@ from fxlens.frontend.decoder import has_mask_input
 from fxlens.discovery.names import canonical_order
 from fxlens.passes.segment import Segment
 from fxlens.runtime.prefix import KeptBudget, PrefixReuse
-from fxlens.pipeline import VARIANT_ADVICE, Context, run_pipeline, variant_pipeline
+from fxlens.pipeline import KV_ADVICE, KV_VARIANT, VARIANT_ADVICE, Context, run_pipeline, variant_pipeline
 
 # Compiled and eager results agree to ~1e-6 of each tensor's size in float32
 # (inductor reorders reductions and fuses the softmax; sdpa normalises
@@ -133,8 +138,9 @@ class CompiledSegment:
     inputs (activations, the block's weights, sizes), so when dynamo cannot
     compile it, the same call runs the graph eagerly (one warning)."""
 
-    def __init__(self, runner: "CompiledRunner", gm: fx.GraphModule, key: str):
+    def __init__(self, runner: "CompiledRunner", gm: fx.GraphModule, key: str, label: str | None = None):
         self.runner, self.gm, self.key = runner, gm, key
+        self.label = label or f"segment {len(runner.segments)}"
         self.compilations = 0
         self.eager_reason: str | None = None
         # per input: its static dimensions where some others are symbolic (batch, pos)
@@ -246,7 +252,21 @@ class CompiledRunner:
             self.variants[key] = v
         return v
 
-    def _use_compiled_segments(self, gm: fx.GraphModule) -> list[CompiledSegment]:
+    def kv_variant(self, gm: fx.GraphModule, hooked, label: str) -> fx.GraphModule:
+        """A KV-cache graph (generation's prefill or decode graph, `fxlens.runtime.kv_cache`)
+        specialised to the `hooked` sites and cut into segments at block boundaries
+        (pipeline.KV_VARIANT), each segment compiled and shared by key: the blocks of a
+        model compile once, not once per layer inside one whole-model graph (SmolLM2's
+        30 layers took 101 s to compile as two whole graphs). Hooks run in Python
+        between the segments, as in segmented variants; a new hook function compiles
+        nothing. Segments are logged as `label` segments."""
+        copy, _ = copy_graph_module(gm)
+        ctx = Context(spec=self.model.spec, hooked=frozenset(hooked))
+        out = run_pipeline(copy, ctx, KV_VARIANT, advice=KV_ADVICE)
+        self._use_compiled_segments(out, label)
+        return out
+
+    def _use_compiled_segments(self, gm: fx.GraphModule, label: str | None = None) -> list[CompiledSegment]:
         """Point each Segment of a segmented variant at the compiled code for its key."""
         for n in gm.graph.nodes:     # weights and buffers: static sizes (parameters are already)
             if n.op == "get_attr":
@@ -258,7 +278,9 @@ class CompiledRunner:
             if isinstance(seg, Segment):
                 compiled = self.segments.get(seg.key)
                 if compiled is None:
-                    compiled = self.segments[seg.key] = CompiledSegment(self, seg.graph_module, seg.key)
+                    compiled = self.segments[seg.key] = CompiledSegment(
+                        self, seg.graph_module, seg.key,
+                        label and f"{label} segment {len(used)}")
                 seg.use(compiled)
                 if compiled not in used:
                     used.append(compiled)
@@ -268,8 +290,7 @@ class CompiledRunner:
         """The chosen backend, counting each graph it compiles (tests count these)
         on `counter` (a Variant or a CompiledSegment) and on the runner."""
         inner = self._inner_backend()
-        label = f"variant {_label(counter)}" if isinstance(counter, Variant) else \
-            f"segment {len(self.segments)}"
+        label = f"variant {_label(counter)}" if isinstance(counter, Variant) else counter.label
 
         def backend(gm, example_inputs):
             counter.compilations += 1
@@ -289,13 +310,6 @@ class CompiledRunner:
             log.info("fxlens: compiled %s in %.1f s", label, time.perf_counter() - start)
             return out
         return backend
-
-    def compile_graph(self, gm: fx.GraphModule, dynamic: bool | None = True, label: str = "graph"):
-        """`gm` (a graph of the model's other than its variants: the KV cache's prefill and
-        decode graphs) through torch.compile with this runner's backend, counted in
-        `compilations` and logged as `label`. `dynamic=False`: only the dimensions the
-        caller marks dynamic (`torch._dynamo.maybe_mark_dynamic`) are."""
-        return torch.compile(gm, backend=self._timed(self._inner_backend(), label), dynamic=dynamic)
 
     def _inner_backend(self):
         if callable(self.backend):

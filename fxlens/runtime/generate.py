@@ -5,7 +5,9 @@ once through the prefill graph of `fxlens.runtime.kv_cache` (hooks see
 `[batch, prompt_len, ...]`), which also returns every layer's keys and values;
 then each step runs the decode graph on the new token against them (hooks see
 `[batch, 1, ...]`, the pattern `[batch, head, 1, pos_so_far]`). A compiled model
-compiles the two graphs once each (batch, prompt and cache lengths dynamic).
+cuts the two graphs into segments at block boundaries and compiles each
+distinct segment once (batch, prompt and cache lengths dynamic; hooks run in
+Python between segments).
 A model whose graphs fail their load check (a sliding window shorter than the
 probe) falls back, with one warning, to the path `use_past_kv_cache=False`
 always takes: `self.forward` on the whole sequence so far each step (a compiled

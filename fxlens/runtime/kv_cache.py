@@ -1,8 +1,9 @@
 """Generation with a KV cache: the prefill and decode graphs (the passes
 `kv_prefill` and `kv_decode` of `fxlens/passes/kv_cache.py`, run by the
 pipeline's KV_PREFILL and KV_DECODE on copies of the instrumented graph, hook
-points shared), how they are called (eagerly, or compiled once each with the
-batch and lengths dynamic), and the load check that decides whether a model
+points shared), how they are called (eagerly, or compiled: cut into segments
+at block boundaries, equal blocks compiled once, batch and lengths dynamic),
+and the load check that decides whether a model
 may use them.
 
 Whether the rewrite holds for a model (positions computed otherwise) is not
@@ -41,27 +42,33 @@ class Decoder:
         self.model, self.prefill_gm, self.gm, self.kv_shapes = model, prefill, gm, kv_shapes
         self.windows = windows        # integer constants of the position-dependent score terms
         self.takes_mask = takes_mask  # both graphs take the attention mask (left-padded batches)
-        self._compiled = None         # (runner, compiled prefill, compiled decode) while compiled
+        self._runner = None           # the compiled runner the variants below belong to
+        self._compiled = {}           # (graph version, hooked sites) -> (prefill, decode) variants
 
     def _fns(self, eager: bool):
-        """(prefill, decode, compiled?): through torch.compile when the model is compiled;
-        one graph each, their batch and lengths marked dynamic (`_dynamic`), so prompts,
-        prompt lengths and max_new_tokens reuse them."""
+        """(prefill, decode, compiled?): when the model is compiled, each graph specialised
+        to the sites hooked now and cut into segments compiled by the model's runner
+        (`CompiledRunner.kv_variant`): the blocks compile once for every layer, and
+        prompts, prompt lengths and max_new_tokens reuse them (batch and lengths
+        dynamic; the other sizes static, read from the graphs' values)."""
         runner = None if eager else self.model.compiled_runner
         if runner is None:
             return self.prefill_gm, self.gm, False
-        if self._compiled is None or self._compiled[0] is not runner:
-            self._compiled = (runner, runner.compile_graph(self.prefill_gm, dynamic=False, label="prefill"),
-                              runner.compile_graph(self.gm, dynamic=False, label="decode"))
-        return self._compiled[1], self._compiled[2], True
+        if runner is not self._runner:
+            self._runner, self._compiled = runner, {}
+        hooked = tuple(self.model._hooked_sites())
+        key = (runner._version(), hooked)
+        fns = self._compiled.get(key)
+        if fns is None:
+            fns = self._compiled[key] = (runner.kv_variant(self.prefill_gm, hooked, "prefill"),
+                                         runner.kv_variant(self.gm, hooked, "decode"))
+        return fns[0], fns[1], True
 
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, eager: bool = False):
         """tokens [batch, pos] (mask [batch, pos], 1 token / 0 pad) -> (logits [batch, pos,
         vocab], past: each layer's keys and values at every position)."""
         fn, _, compiled = self._fns(eager)
         args = [tokens, mask if mask is not None else torch.ones_like(tokens)] if self.takes_mask else [tokens]
-        if compiled:
-            _dynamic(args, [[0, 1]] * len(args))
         out = fn(*args)
         # contiguous: a key may come out as a transposed view, and compiled, the decode graph
         # guards on its inputs' strides (the concatenations it returns are contiguous)
@@ -77,20 +84,8 @@ class Decoder:
         args = [tokens[:, offset:].clone(), torch.tensor(offset, device=tokens.device), tokens]
         if self.takes_mask:
             args.append(mask if mask is not None else torch.ones_like(tokens))
-        if compiled:
-            n_in = len(args)
-            _dynamic(args + past, [[0]] + [[]] + [[0, 1]] * (n_in - 2) +
-                     [[d for d, k in enumerate(s) if k in ("b", "s")] for s in self.kv_shapes])
         out = fn(*args, *past)
         return out[0], [p.contiguous() for p in out[1:]]
-
-
-def _dynamic(args, dims) -> None:
-    """Batch and lengths dynamic, every other size static (a cache length equal to d_head
-    by chance is not unified with it); a size-1 dimension stays specialised by dynamo."""
-    for a, ds in zip(args, dims):
-        for d in ds:
-            torch._dynamo.maybe_mark_dynamic(a, d)
 
 
 def _build(model) -> Decoder:
