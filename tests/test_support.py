@@ -172,6 +172,65 @@ def test_sparse_attention_indexer_is_part_of_the_mask():
     assert torch.equal(tokens, want_tokens)
 
 
+def test_learned_gain_and_bias_on_a_branch_before_its_residual_add():
+    """ZAYA's residual scaling joins each sublayer as (branch + b) * s + (resid + b') * s'
+    (per-channel parameters, moved off their init by the sweep's perturbation): the
+    bias add after o_proj is the scaling module's, not a bias of o_proj, so the output
+    projection is found, and hook_attn_out / hook_mlp_out are what each branch adds,
+    (branch + b) * s; resid_mid and resid_post are HF's sums. Its CCA attention builds
+    q and k from a convolution over both projections' outputs and v from the current
+    and the previous token's projections: no W_Q/W_K/W_V, named."""
+    hf = support_matrix.tiny_model("zaya")
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(2))
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    got, handles = {}, []
+    for L, lay in enumerate(hf.model.layers):
+        for key, mod in (("attn", lay.post_attention_residual_scale), ("mlp", lay.post_mlp_residual_scale)):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, k=(key, L): got.__setitem__(k, ((a[0] + m.hidden_states_bias) * m.hidden_states_scale,
+                                                                o))))
+    with torch.no_grad():
+        out = hf(ids, use_cache=False, output_hidden_states=True, output_attentions=True)
+    for h in handles:
+        h.remove()
+    logits, cache = model.run_with_cache(ids)
+    # float32 rounding stays ~1e-6 of each value's size; a wrong site is off by O(1)
+    close = lambda got, ref: (got - ref).abs().max() <= 1e-5 * ref.abs().max()  # noqa: E731
+    assert close(logits.log_softmax(-1), out.logits.log_softmax(-1))
+    for L in range(len(hf.model.layers)):
+        b = lambda s: cache[f"blocks.{L}.{s}"]  # noqa: E731
+        (attn_added, resid_mid), (mlp_added, resid_post) = got[("attn", L)], got[("mlp", L)]
+        assert close(b("hook_resid_pre"), out.hidden_states[L])
+        assert close(b("attn.hook_pattern"), out.attentions[L])
+        assert close(b("hook_attn_out"), attn_added) and close(b("hook_resid_mid"), resid_mid)
+        assert close(b("hook_mlp_out"), mlp_added) and close(b("hook_resid_post"), resid_post)
+    for w, role in (("W_Q", "q"), ("W_K", "k"), ("W_V", "v")):
+        with pytest.raises(fxlens.UnmappableModelError, match=f"{role} is assembled in .* from several projections"):
+            getattr(model.blocks[0].attn, w)
+    processed = fxlens.from_pretrained(hf, self_check=False)
+    with torch.no_grad():
+        assert close(processed(ids).log_softmax(-1), out.logits.log_softmax(-1))
+
+
+def test_learned_gate_on_a_branch_before_its_residual_add():
+    """Ergo's residual gate adds sigmoid(w) * norm(branch) to sqrt(1 + sigmoid(w)) *
+    exp(-softplus(w) / 2) * resid: hook_attn_out is the gated branch as added, after
+    the post-attention norm (ln1_post); the sweep's row passes."""
+    row = support_matrix.check_type("ergo")
+    assert row["status"] == "pass", row["reason"]
+    assert row["processed"] == "pass", row["processed_reason"]
+    hf = support_matrix.tiny_model("ergo")
+    ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(2))
+    lay = hf.model.layers[0]
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    want = _hf_outputs(hf, ids, {"normed": lay.post_attention_layernorm, "resid_mid": lay.attention_residual_gate})
+    _, cache = model.run_with_cache(ids)
+    gate = lay.attention_residual_gate.weight.float().sigmoid()
+    # float32 rounding; a site before the gate is off by a factor of about 2
+    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], gate * want["normed"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_mid"], want["resid_mid"], rtol=1e-5, atol=1e-6)
+
+
 # structures refused with what was found (issue 10): the reason names the structure
 REFUSED = {
     "jetmoe": "routed attention experts",       # mixture of attention heads: q from routed experts
@@ -180,6 +239,10 @@ REFUSED = {
     "xlnet": "a relative-position term",        # QK^T einsum plus a second einsum of the queries
     "xlm": "parallel module lists",             # attentions.L, layer_norm1.L, ffns.L, ...: no block module
     "deepseek_v4": "residual streams per position",   # hyper-connections: [b, s, 4, d] between blocks
+    "gemma3n_text": "4 residual streams per position",   # AltUp: [4, b, s, d] predictions, one active
+    # a softmax over a [b, s, n, d] stack of earlier blocks' states makes each sublayer's input
+    "inkling2_text": "block attention residuals: .* a learned mixture of earlier blocks' outputs",
+    "inkling2_loop_text": "block attention residuals",
 }
 
 
@@ -238,3 +301,4 @@ def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatc
         fxlens.capture(hf)
     assert len(calls) == 1
     assert "attention softmax in model.layers.[1, 2] only; model.layers.[0] mix tokens without [query, key] scores" in str(err.value)
+

@@ -373,16 +373,49 @@ def _to_residual_add(start: fx.Node, block_nodes: set, norms: dict, nodes_of) ->
         if len(users) != 1 or users[0] not in block_nodes:
             return cur, post
         u = users[0]
-        if u.target in (aten.add.Tensor, aten.add_.Tensor):
+        if u.target in (aten.add.Tensor, aten.add_.Tensor) and not _is_learned_shift(u, cur):
             return cur, post
+        if _is_learned_shift(u, cur):
+            cur = u
+            continue
         norm = next((p for p in module_paths(u) if p in norms and p not in module_paths(cur)), None)
         if norm is not None:
             cur, post = output_node(nodes_of(norm)), norm
             continue
-        if is_layout(u) or is_scalar_scale(u):
+        if is_layout(u) or is_scalar_scale(u) or _is_learned_gain(u, cur):
             cur = u
             continue
         return cur, post
+
+
+def _is_learned_shift(node: fx.Node, x: fx.Node) -> bool:
+    """`x + b` with b a [channels] value computed from parameters and constants alone:
+    a learned bias on a branch before its residual add (ZAYA's residual scaling,
+    (branch + b) * s + (resid + b') * s'), not the residual add itself."""
+    if node.target not in _ADDS or len(node.args) != 2 or x not in node.args:
+        return False
+    return _weight_only(node.args[1] if node.args[0] is x else node.args[0], x)
+
+
+def _weight_only(g, x: fx.Node) -> bool:
+    """Whether `g` is computed from parameters and constants alone (no activation
+    upstream) and has one element or one per channel of `x`."""
+    if not isinstance(g, fx.Node) or val(g) is None or g is x:
+        return False
+    sg, sx = shape(g), shape(x)
+    if sx is None or (val(g).numel() != 1 and not (len(sg) == 1 and same_size(sg[0], sx[-1]))):
+        return False
+    return not any(n.op == "placeholder" for n in ancestors(g) | {g})
+
+
+def _is_learned_gain(node: fx.Node, x: fx.Node) -> bool:
+    """`x * g` with g computed from parameters and constants alone (no activation
+    upstream), one element or one per channel: a learned gain on a branch before
+    its residual add (Ergo's residual gate: sigmoid(w) * branch). What the branch
+    adds to the stream is the gained value."""
+    if node.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(node.args) != 2 or x not in node.args:
+        return False
+    return _weight_only(node.args[1] if node.args[0] is x else node.args[0], x)
 
 
 def embedding_output(embed: fx.Node, resid_pre: fx.Node) -> fx.Node:
@@ -694,7 +727,7 @@ def analyse_attention(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norm
             chosen[role] = (node, g.head_layout(node, dr), sources[-1])
             assembled.add(role)
             indirect[role] = (f"{role} is assembled in {node.name} from several projections "
-                              f"({', '.join(module_path(s) or s.name for s in sources)}), not read from one")
+                              f"({', '.join(dict.fromkeys(module_path(s) or s.name for s in sources))}), not read from one")
             continue
         src = {r: op for r, op in (("q", q_op), ("k", k_op), ("v", v_op))}[role]
         outside = [i for n in anc[role] | {src} for i in n.all_input_nodes
@@ -1005,13 +1038,23 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
     out = output_node(bnodes)
-    s = shape(out) if out is not None else None
-    if s is not None and len(s) == 4 and same_size(s[0], g.batch) and same_size(s[1], g.seq) \
-            and isinstance(s[2], int) and s[2] > 1:
+    streams = _streams_per_position(g, out)
+    if streams:
         # several residual streams per position, mixed into each sublayer's input and
-        # out of its output by learned weights (DeepSeek-V4's hyper-connections)
-        raise _fail(f"block {bpath}", f"a block output of shape {s}: {s[2]} residual streams per position",
+        # out of its output by learned weights (DeepSeek-V4's hyper-connections:
+        # [b, s, n, d]; Gemma 3n's AltUp: [n, b, s, d] predictions, one of them active)
+        raise _fail(f"block {bpath}", f"a block output of shape {list(shape(out))}: {streams} residual streams "
+                    f"per position (the block takes and returns all {streams})",
                     "one [batch, pos, d_model] residual stream (TransformerLens's hook_resid_pre/post)")
+    mixed = _stack_mixture(g, bnodes, bset)
+    if mixed is not None:
+        sm, stack = mixed
+        n = shape(stack)[-2]
+        raise _fail(f"block {bpath}", f"block attention residuals: a softmax ({sm.name}, {list(shape(sm))}) "
+                    f"weighting the {n} states of a stacked {list(shape(stack))} value ({stack.name}, states "
+                    f"concatenated along dim 2) into a sublayer input: a learned mixture of earlier blocks' outputs",
+                    "a residual stream carried from block to block (TransformerLens's "
+                    "resid_post = resid_pre + attn_out + mlp_out)")
     att = analyse_attention(g, sites, layer, bpath, norms, nodes_of)
     attn_out, d_model = att.out, att.d_model
 
@@ -1075,6 +1118,43 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
 
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+def _stack_mixture(g: ShapedGraph, bnodes: list, bset: set) -> tuple[fx.Node, fx.Node] | None:
+    """(softmax, stack) where the block mixes a [batch, pos, n, width] stack of values
+    (states concatenated along n: the block's input, earlier blocks'), by a softmax over its n
+    entries ([batch, pos, queries, n] weights) and a product with it: Inkling 2's
+    block attention residuals. None where there is no such mixture (an attention's
+    [batch, head, query, key] softmax is over positions, a router's over experts)."""
+    for sm in bnodes:
+        s = shape(sm) if sm.op == "call_function" and sm.target in SOFTMAX_OPS else None
+        if not s or len(s) != 4 or not (same_size(s[0], g.batch) and same_size(s[1], g.seq)) \
+                or not isinstance(s[-1], int) or s[-1] < 2 or same_size(s[-2], g.seq):
+            continue
+        for mm in (u for n in layout_closure(sm) for u in n.users if u in bset and _is_product(u)):
+            for op in _operands(mm):
+                st = shape(op)
+                if st is None or len(st) != 4 or not same_size(st[0], g.batch) or not same_size(st[1], g.seq) \
+                        or st[2] != s[-1] or op in layout_closure(sm):
+                    continue
+                stacking = [c for c in ancestors(op, lambda n: n in bset) | {op} if c.target is aten.cat.default
+                            and len(shape(c) or ()) == 4 and (c.args[1] if len(c.args) > 1 else 0) in (2, -2)]
+                if stacking:
+                    return sm, op
+    return None
+
+
+def _streams_per_position(g: ShapedGraph, node: fx.Node | None) -> int:
+    """n where `node` holds n > 1 [batch, pos, width] streams: a 4-d value whose one
+    dimension besides batch, pos and the last is a constant n ([b, s, n, d] or
+    [n, b, s, d]); else 0."""
+    s = shape(node) if node is not None else None
+    if s is None or len(s) != 4:
+        return 0
+    for n_at, (b_at, s_at) in ((2, (0, 1)), (0, (1, 2))):
+        if same_size(s[b_at], g.batch) and same_size(s[s_at], g.seq) and isinstance(s[n_at], int) and s[n_at] > 1:
+            return s[n_at]
+    return 0
 
 
 def _is_stream_of(node: fx.Node, resid: fx.Node, norms: dict) -> bool:

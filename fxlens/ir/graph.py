@@ -129,8 +129,14 @@ def _weight_of(arg) -> tuple[fx.Node, bool] | None:
 
 
 def _bias_add(node: fx.Node) -> fx.Node | None:
-    """The `add(node, b)` with a 1-D parameter b that completes a bias-free linear."""
+    """The `add(node, b)` with a 1-D parameter b that completes a bias-free linear,
+    made by the linear's module or one enclosing it: a bias another module adds
+    (ZAYA's residual scaling, (o_proj(x) + b) * s + ..., after the attention) is
+    that module's, not the linear's."""
     users = list(node.users)
+    here, there = module_path(node), module_path(users[0]) if len(users) == 1 else ""
+    if here and there and here != there and not here.startswith(there + "."):
+        return None
     if len(users) == 1 and users[0].target is aten.add.Tensor:
         other = [a for a in users[0].args if a is not node]
         if len(other) == 1 and is_param(other[0]) and val(other[0]) is not None and val(other[0]).dim() == 1:
