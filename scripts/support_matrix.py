@@ -133,7 +133,9 @@ def _keep_every_layer_kind(defaults: dict, cls, out: dict, sizes: dict) -> None:
     a hybrid stays a hybrid (a conv or linear-attention layer next to an attention
     one, a sliding and a full one) and is checked as one; num_hidden_layers grows to
     match. A per-layer size the table names takes its tiny value; lists of layer
-    indices (moe_layers, full_attn_idxs) are renumbered, per-layer overrides
+    indices (moe_layers, full_attn_idxs) are renumbered, as are per-layer references
+    to a source layer (kolibri1_1's kv_source_layers: the layer whose K/V each one
+    reads; a layer reading another's is kept, with its source), per-layer overrides
     (`per_layer_config`) kept for the kept layers, and counts of layers in a role
     (`num_kv_shared_layers`) scaled to the new layer count."""
     n_key = _mapped(cls, "num_hidden_layers")
@@ -144,9 +146,13 @@ def _keep_every_layer_kind(defaults: dict, cls, out: dict, sizes: dict) -> None:
     def is_indices(v):      # layer numbers, increasing (all of them is still a list of indices)
         return bool(v) and all(_is_int(i) for i in v) and 0 <= v[0] and all(a < b for a, b in zip(v, v[1:])) \
             and v[-1] < n
+    def is_sources(v):      # per layer, the index of an earlier (or its own) layer that one reads
+        return len(v) == n and all(_is_int(i) and 0 <= i <= j and v[i] == i for j, i in enumerate(v)) \
+            and len(set(v)) > 2 and any(i != j for j, i in enumerate(v))
     lists = {k: v for k, v in defaults.items() if isinstance(v, (list, tuple))}
     indices = {k: v for k, v in lists.items() if is_indices(v)}
-    per_layer = {k: v for k, v in lists.items() if len(v) == n and k not in indices}
+    sources = {k: v for k, v in lists.items() if k not in indices and is_sources(v)}
+    per_layer = {k: v for k, v in lists.items() if len(v) == n and k not in indices and k not in sources}
     keep = {0, n - 1}
     for v in per_layer.values():
         first = {}
@@ -156,6 +162,10 @@ def _keep_every_layer_kind(defaults: dict, cls, out: dict, sizes: dict) -> None:
     for v in indices.values():               # a layer listed and one not
         keep.add(v[0])
         keep.add(next((i for i in range(n) if i not in v), 0))
+    for v in sources.values():               # a layer reading another's (kolibri1_1's kv_source_layers)
+        keep.add(next(j for j, i in enumerate(v) if i != j))
+    for v in sources.values():               # ... and every layer a kept one reads
+        keep |= {v[j] for j in keep}
     keep = sorted(keep)
     new = {old: j for j, old in enumerate(keep)}
     n_new = len(keep)
@@ -166,6 +176,8 @@ def _keep_every_layer_kind(defaults: dict, cls, out: dict, sizes: dict) -> None:
         out[k] = kept
     for k, v in indices.items():
         out[k] = [new[i] for i in v if i in new]
+    for k, v in sources.items():
+        out[k] = [new[v[i]] for i in keep]
     for k, v in defaults.items():
         if k == "per_layer_config" and isinstance(v, dict):
             out[k] = _per_layer(v, new, defaults, out)
@@ -218,6 +230,25 @@ def _scale_heads(defaults: dict, out: dict, cls) -> None:
     for k, v in defaults.items():
         if k.endswith("heads") and k not in named and k not in out and _is_int(v) and v > 1:
             out[k] = max(1, min(v, round(v * factor)))
+
+
+def _keep_group_heads(defaults: dict, out: dict, cls) -> bool:
+    """Where the class rejects the tiny config: a head count the table does not name
+    that the defaults keep within one key-value group, larger than the tiny group
+    (kolibri1_1's index_num_heads, 12 of 48 query heads over 4 kv heads, which it
+    asserts), scaled to the tiny group by its default share of it. Returns whether
+    one was."""
+    heads, kv = _mapped(cls, "num_attention_heads"), "num_key_value_heads"
+    if not all(_is_int(defaults.get(k)) and defaults[k] > 0 and _is_int(out.get(k)) for k in (heads, kv)):
+        return False
+    group, tiny = defaults[heads] // defaults[kv], out[heads] // out[kv]
+    named = {_mapped(cls, k) for k in TINY} | {kv}
+    changed = False
+    for k, v in defaults.items():
+        if k.endswith("heads") and k not in named and k not in out and _is_int(v) and tiny < v <= group:
+            out[k] = max(1, tiny * v // group)
+            changed = True
+    return changed
 
 
 def _per_layer(per_layer: dict, renumber: dict, defaults: dict, out: dict) -> dict:
@@ -279,7 +310,12 @@ def tiny_config(model_type: str, sizes: str = "tiny"):
         defaults = cls().to_dict()
         out = _shrink(defaults, cls, SIZES[sizes])
         _follow(defaults, out, _shrunk(defaults, out, SIZES[sizes]))
-        cfg = cls(**out)
+        try:
+            cfg = cls(**out)
+        except Exception:
+            if not _keep_group_heads(defaults, out, cls):
+                raise
+            cfg = cls(**out)
     if hasattr(cfg, "is_decoder"):
         cfg.is_decoder = True   # encoders used as causal LMs (BertLMHeadModel) ask for it
     return cfg

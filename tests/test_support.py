@@ -258,7 +258,8 @@ def test_tiny_config_keeps_dependent_fields_consistent():
     gemma4's per-layer overrides follow the layers kept (its global layers' 512-wide
     heads twice the tiny 16), mamba2's head count keeps
     hidden_size * expand == num_heads * head_dim, gemma3n's KV-sharing layer count
-    fits the layers kept, and each HF model builds and runs."""
+    fits the layers kept, kolibri1_1's K/V source layers are renumbered, and each HF
+    model builds and runs."""
     g4 = support_matrix.tiny_config("gemma4_text")
     # the first layer (sliding), the first full one and the last (full)
     assert g4.num_hidden_layers == 3 and g4.layer_types == ["sliding_attention", "full_attention", "full_attention"]
@@ -274,7 +275,14 @@ def test_tiny_config_keeps_dependent_fields_consistent():
     d3 = support_matrix.tiny_config("dots3_note")
     assert d3.vision_config.adapter_in_dim == d3.vision_config.hidden_size == 64
     assert d3.vision_config.adapter_out_dim == d3.text_config.hidden_size == 64
-    for t in ("gemma4_text", "mamba2", "gemma3n_text"):
+    # kolibri1_1: each layer's K/V source (a layer index) renumbered with the layers kept,
+    # a layer reading another's kept with its source; its indexer's heads fit one kv group
+    ko = support_matrix.tiny_config("kolibri1_1")
+    src = ko.kv_source_layers
+    assert len(src) == ko.num_hidden_layers and any(s != i for i, s in enumerate(src))
+    assert all(src[s] == s and ko.layer_types[s] == ko.layer_types[i] for i, s in enumerate(src))
+    assert ko.index_num_heads <= ko.num_attention_heads // ko.num_key_value_heads
+    for t in ("gemma4_text", "mamba2", "gemma3n_text", "kolibri1_1"):
         hf = support_matrix.tiny_model(t)
         with torch.no_grad():
             out = hf(torch.randint(0, 100, (1, 5)), use_cache=False)
@@ -302,3 +310,20 @@ def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatc
     assert len(calls) == 1
     assert "attention softmax in model.layers.[1, 2] only; model.layers.[0] mix tokens without [query, key] scores" in str(err.value)
 
+
+def test_capture_error_names_control_flow_on_tensor_values():
+    """A forward that loops over a tensor's values (kolibri1_1's indexer: for start in
+    mask.unique().tolist()) cannot be exported; the reason names the model's line."""
+    from fxlens.frontend.decoder import _first_line
+
+    class Loop(torch.nn.Module):
+        def forward(self, x):
+            out = x
+            for v in x.unique().tolist():
+                out = out + v
+            return out
+    with pytest.raises(Exception) as err:
+        torch.export.export(Loop(), (torch.tensor([1, 2, 2]),), strict=False)
+    reason = _first_line(err.value)
+    assert "control flow on tensor values at test_support.py:" in reason
+    assert "for v in x.unique().tolist():" in reason

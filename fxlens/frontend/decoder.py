@@ -329,7 +329,18 @@ class CaptureInfo:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    line = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    if "DataDependent" in type(exc).__name__:
+        # a Python branch or loop on a tensor's values (kolibri1_1's indexer loops over
+        # mask.unique().tolist()): name the model's line that asks for them
+        import traceback
+        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+        if frames:
+            f = frames[-1]
+            line += (f" (control flow on tensor values at {os.path.basename(f.filename)}:{f.lineno} "
+                     f"in {f.name}: {(f.line or '').strip()[:80]})")
+    return line
 
 
 def _forward_params(model) -> dict:
