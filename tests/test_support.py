@@ -177,7 +177,8 @@ def test_learned_gain_and_bias_on_a_branch_before_its_residual_add():
     (per-channel parameters, moved off their init by the sweep's perturbation): the
     bias add after o_proj is the scaling module's, not a bias of o_proj, so the output
     projection is found, and hook_attn_out / hook_mlp_out are what each branch adds,
-    (branch + b) * s; resid_mid and resid_post are HF's sums. Its CCA attention builds
+    (branch + b) * s; resid_mid and resid_post are HF's sums; ln1 is the norm read
+    through the padding mask multiplied in before the projections. Its CCA attention builds
     q and k from a convolution over both projections' outputs and v from the current
     and the previous token's projections: no W_Q/W_K/W_V, named."""
     hf = support_matrix.tiny_model("zaya")
@@ -189,6 +190,8 @@ def test_learned_gain_and_bias_on_a_branch_before_its_residual_add():
             handles.append(mod.register_forward_hook(
                 lambda m, a, o, k=(key, L): got.__setitem__(k, ((a[0] + m.hidden_states_bias) * m.hidden_states_scale,
                                                                 o))))
+        handles.append(lay.input_layernorm.register_forward_hook(
+            lambda m, a, o, k=("ln1", L): got.__setitem__(k, o / m.weight)))
     with torch.no_grad():
         out = hf(ids, use_cache=False, output_hidden_states=True, output_attentions=True)
     for h in handles:
@@ -204,6 +207,8 @@ def test_learned_gain_and_bias_on_a_branch_before_its_residual_add():
         assert close(b("attn.hook_pattern"), out.attentions[L])
         assert close(b("hook_attn_out"), attn_added) and close(b("hook_resid_mid"), resid_mid)
         assert close(b("hook_mlp_out"), mlp_added) and close(b("hook_resid_post"), resid_post)
+        # ln1 is found through the padding mask multiplied in before the projections
+        assert close(b("ln1.hook_normalized"), got[("ln1", L)])
     for w, role in (("W_Q", "q"), ("W_K", "k"), ("W_V", "v")):
         with pytest.raises(fxlens.UnmappableModelError, match=f"{role} is assembled in .* from several projections"):
             getattr(model.blocks[0].attn, w)

@@ -1067,7 +1067,8 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     mlp = analyse_mlp(g, sites, layer, bpath, att, norms, nodes_of)
 
     # --- norms feeding attention and MLP ---------------------------------------------
-    ln1 = next((nm for nm in (norm_of(linear_parts(p)[0], norms) for p in att.projections) if nm), None)
+    ln1 = next((nm for nm in (norm_of(_unmasked(g, linear_parts(p)[0]), norms) for p in att.projections) if nm),
+               None)
     ln2 = next((nm for nm in (norm_of(x, norms) for x in mlp.inputs) if nm), None)
     if ln2 == ln1:
         ln2 = None
@@ -1118,6 +1119,22 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
 
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
+
+
+def _unmasked(g: ShapedGraph, node: fx.Node) -> fx.Node:
+    """`node` before a multiply by a per-position [batch, pos, 1] value that no
+    embedding lookup reaches (a padding mask: ZAYA zeroes padded positions before its
+    q/k convolution), through layout ops; else `node`."""
+    cur = walk_back(node, is_layout)[-1]
+    if cur.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(cur.args) != 2 \
+            or not all(isinstance(a, fx.Node) for a in cur.args):
+        return node
+    for x, m in (cur.args, cur.args[::-1]):
+        sm = shape(m)
+        if sm is not None and len(sm) == 3 and same_size(sm[0], g.batch) and same_size(sm[1], g.seq) \
+                and sm[2] == 1 and not any(a.target is aten.embedding.default for a in ancestors(m)):
+            return x
+    return node
 
 
 def _stack_mixture(g: ShapedGraph, bnodes: list, bset: set) -> tuple[fx.Node, fx.Node] | None:
