@@ -111,6 +111,15 @@ def build_variant(model, cached, hooked, fuse_attention: bool = True, segmented:
 
 HOOK_MODES = ("python", "traced")
 
+# inductor's options on CPU (a user's options= override them). A value with several
+# readers is materialised once when its pointwise body has more than this many ops;
+# inductor's CPU default (50) inlines the attention mask (arange, compares, padding
+# and, where: ~20 ops) into every layer's softmax kernel wherever the pattern is
+# kept explicit (run_with_cache, hooked attention), so each layer recomputed it:
+# tiny GPT-2 run_with_cache 3.9 -> 2.7 ms at 2 threads (benchmarks/bench.py).
+# Single-reader chains (an MLP's activation) are not affected.
+CPU_PATCHES = {"realize_opcount_threshold": 8}
+
 
 @dataclass
 class Variant:
@@ -321,7 +330,9 @@ class CompiledRunner:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {**(list_mode_options(self.mode, self.dynamic) if self.mode else {}), **self.options}
+        cpu = next(self.model.graph_module.parameters(), torch.empty(0)).device.type == "cpu"
+        patches = {**(CPU_PATCHES if cpu else {}),
+                   **(list_mode_options(self.mode, self.dynamic) if self.mode else {}), **self.options}
 
         def inductor(gm, example_inputs):
             return compile_fx(gm, example_inputs, config_patches=patches or None)
