@@ -336,3 +336,19 @@ def test_compiled_generation_compiles_prefill_and_decode_once(caplog):
     with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", steer(-1.0))]):   # a new function
         greedy(model, a, 4, stop_at_eos=False)
     assert model.compile_stats()["compilations"] == hooked
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_compiled_generation_segments_follow_fuse_attention(fuse):
+    """The compiled prefill and decode segments fuse each unobserved attention into
+    sdpa (the decode graph's over the cached keys too), unless the model was compiled
+    with fuse_attention=False; the tokens are the eager model's either way."""
+    model = fxlens.from_pretrained_no_processing(captured("gpt2")).compile(backend="eager", fuse_attention=fuse)
+    ids = prompts(2, 5)
+    assert torch.equal(greedy(model, ids, 4, stop_at_eos=False),
+                       greedy(oracle_model("gpt2"), ids, 4, stop_at_eos=False))
+    (prefill, decode), = model._kv_decoder()._compiled.values()
+    for gm in (prefill, decode):
+        sdpa = [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+                if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        assert len(sdpa) == (1 if fuse else 0)     # one block segment serves all three layers

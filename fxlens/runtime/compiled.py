@@ -268,10 +268,12 @@ class CompiledRunner:
         model compile once, not once per layer inside one whole-model graph (SmolLM2's
         30 layers took 101 s to compile as two whole graphs). Hooks run in Python
         between the segments, as in segmented variants; a new hook function compiles
-        nothing. Segments are logged as `label` segments."""
+        nothing. Unobserved attentions fuse into sdpa unless the runner's fuse_attention
+        is off. Segments are logged as `label` segments."""
         copy, _ = copy_graph_module(gm)
         ctx = Context(spec=self.model.spec, hooked=frozenset(hooked))
-        out = run_pipeline(copy, ctx, KV_VARIANT, advice=KV_ADVICE)
+        passes = tuple(p for p in KV_VARIANT if self.fuse_attention or p[0] != "fuse_attention")
+        out = run_pipeline(copy, ctx, passes, advice=KV_ADVICE)
         self._use_compiled_segments(out, label)
         return out
 
