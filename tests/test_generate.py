@@ -306,6 +306,8 @@ def test_compiled_generation_compiles_prefill_and_decode_once(caplog):
         assert torch.equal(greedy(model, a, 8, stop_at_eos=False), greedy(eager, a, 8, stop_at_eos=False))
         first = model.compile_stats()["compilations"]
         assert first == 6
+        seconds = model.compile_stats()["compile_seconds"]
+        assert seconds > 0              # the calls that compiled, counted as compiled forwards are
         assert torch.equal(greedy(model, b, 3, stop_at_eos=False), greedy(eager, b, 3, stop_at_eos=False))
         ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), rows[0]]), rows[1]])
         mask = torch.stack([(torch.arange(6) >= 3).long(), torch.ones(6, dtype=torch.long)])
@@ -313,6 +315,7 @@ def test_compiled_generation_compiles_prefill_and_decode_once(caplog):
     for i, r in enumerate(rows):
         assert torch.equal(padded[i, 6 - len(r):], greedy(eager, r[None], 4, stop_at_eos=False)[0])
     assert model.compile_stats()["compilations"] == first
+    assert model.compile_stats()["compile_seconds"] == seconds   # nothing compiled since
     said = [r.getMessage() for r in caplog.records if r.name == "fxlens.compile"]
     assert len(said) == 2 * first, said
     labels = [re.match(r"fxlens: compiling (\w+ segment \d) of .* \(\d+ graph nodes; backend eager\)", m)

@@ -16,6 +16,8 @@ rewrite is refused.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.fx as fx
 
@@ -64,12 +66,23 @@ class Decoder:
                                          runner.kv_variant(self.gm, hooked, "decode"))
         return fns[0], fns[1], True
 
+    def _run(self, fn, args, compiled: bool):
+        """fn(*args); a compiled call that compiled segments adds its time to the
+        runner's compile_seconds (`compile_stats()`), as compiled forward calls do."""
+        if not compiled:
+            return fn(*args)
+        before, start = self._runner.compilations, time.perf_counter()
+        out = fn(*args)
+        if self._runner.compilations != before:
+            self._runner.compile_seconds += time.perf_counter() - start
+        return out
+
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, eager: bool = False):
         """tokens [batch, pos] (mask [batch, pos], 1 token / 0 pad) -> (logits [batch, pos,
         vocab], past: each layer's keys and values at every position)."""
         fn, _, compiled = self._fns(eager)
         args = [tokens, mask if mask is not None else torch.ones_like(tokens)] if self.takes_mask else [tokens]
-        out = fn(*args)
+        out = self._run(fn, args, compiled)
         # contiguous: a key may come out as a transposed view, and compiled, the decode graph
         # guards on its inputs' strides (the concatenations it returns are contiguous)
         return out[0], [p.contiguous() for p in out[1:]]
@@ -84,7 +97,7 @@ class Decoder:
         args = [tokens[:, offset:].clone(), torch.tensor(offset, device=tokens.device), tokens]
         if self.takes_mask:
             args.append(mask if mask is not None else torch.ones_like(tokens))
-        out = fn(*args, *past)
+        out = self._run(fn, [*args, *past], compiled)
         return out[0], [p.contiguous() for p in out[1:]]
 
 
