@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,3 +357,25 @@ def test_compiled_generation_segments_follow_fuse_attention(fuse):
         sdpa = [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
                 if n.target is torch.ops.aten.scaled_dot_product_attention.default]
         assert len(sdpa) == (1 if fuse else 0)     # one block segment serves all three layers
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "deepseek_v3"])
+def test_compiled_generation_in_segments_equals_eager(model_type):
+    """Compiled generation on blocks of two kinds (gemma2: sliding-window and global
+    layers, soft-capped scores; deepseek_v3: MLA with a dense then MoE layers), on a
+    left-padded batch: the tokens are the eager model's, and a second call compiles
+    nothing more."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import support_matrix
+
+    model = fxlens.from_pretrained_no_processing(support_matrix.tiny_model(model_type), self_check=False)
+    ids = prompts(2, 9)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, padding_side="left", stop_at_eos=False)
+    want, want_short = greedy(model, ids, 8, **kw), greedy(model, ids[:, 2:], 5, stop_at_eos=False)   # eager
+    model.compile(backend="eager")
+    assert torch.equal(greedy(model, ids, 8, **kw), want)
+    compiled = model.compile_stats()["compilations"]
+    assert torch.equal(greedy(model, ids[:, 2:], 5, stop_at_eos=False), want_short)
+    assert model.compile_stats()["compilations"] == compiled
