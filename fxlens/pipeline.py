@@ -12,8 +12,8 @@
                 when hooks do not run between compiled segments)
     KV_PREFILL  kv_prefill   (on a copy of an instrumented graph: generation's
     KV_DECODE   kv_decode     prompt pass, and its one-token steps)
-    KV_VARIANT  mark_boundaries, specialise, segment   (compiled generation: a
-                copy of the prefill or decode graph, cut into segments)
+    KV_VARIANT  mark_boundaries, specialise, fuse_attention, segment   (compiled
+                generation: a copy of the prefill or decode graph, cut into segments)
 
 `reprocess` runs PROCESSING passes on an already instrumented graph
 (HookedModel.process_weights_): remove_hooks, the passes, insert_hooks.
@@ -119,25 +119,25 @@ VARIANT = (
 # compiled generation (fxlens.runtime.kv_cache): a copy of the prefill or decode graph
 # keeping the hooked sites only, its keys and values returned, cut into segments at the
 # block boundaries, so that equal blocks compile once (not one whole-model graph each)
-KV_VARIANT = (
-    VARIANT[0],
-    ("specialise", lambda gm, ctx: specialise(gm, (), set(ctx.hooked), keep_outputs=True)),
-    VARIANT[2],
-    VARIANT[-1],
-)
+def _kv_specialise(gm, ctx):
+    return specialise(gm, (), set(ctx.hooked), keep_outputs=True)
+
+
+KV_VARIANT = tuple((name, _kv_specialise if name == "specialise" else fn) for name, fn in VARIANT)
 
 
 def build_pipeline(flags: dict) -> tuple:
     return FRONT + tuple(p for p in PROCESSING if flags.get(p[0])) + BACK
 
 
-def variant_pipeline(fuse: bool, segmented: bool) -> tuple:
-    """VARIANT without fuse_attention unless `fuse`, and without the boundaries and
-    the cut unless `segmented` (hooks run in Python between compiled segments)."""
+def variant_pipeline(fuse: bool, segmented: bool, base: tuple = VARIANT) -> tuple:
+    """`base` (VARIANT, or KV_VARIANT) without fuse_attention unless `fuse`, and without
+    the boundaries and the cut unless `segmented` (hooks run in Python between
+    compiled segments)."""
     off = set() if segmented else {"mark_boundaries", "segment"}
     if not fuse:
         off.add("fuse_attention")
-    return tuple(p for p in VARIANT if p[0] not in off)
+    return tuple(p for p in base if p[0] not in off)
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: Context, pipeline=None, on_pass=None,

@@ -373,49 +373,37 @@ def _to_residual_add(start: fx.Node, block_nodes: set, norms: dict, nodes_of) ->
         if len(users) != 1 or users[0] not in block_nodes:
             return cur, post
         u = users[0]
-        if u.target in (aten.add.Tensor, aten.add_.Tensor) and not _is_learned_shift(u, cur):
-            return cur, post
-        if _is_learned_shift(u, cur):
+        if u.target in _ADDS:
+            if not _learned_term(u, cur, _ADDS):
+                return cur, post
             cur = u
             continue
         norm = next((p for p in module_paths(u) if p in norms and p not in module_paths(cur)), None)
         if norm is not None:
             cur, post = output_node(nodes_of(norm)), norm
             continue
-        if is_layout(u) or is_scalar_scale(u) or _is_learned_gain(u, cur):
+        if is_layout(u) or is_scalar_scale(u) or _learned_term(u, cur, _MULS):
             cur = u
             continue
         return cur, post
 
 
-def _is_learned_shift(node: fx.Node, x: fx.Node) -> bool:
-    """`x + b` with b a [channels] value computed from parameters and constants alone:
-    a learned bias on a branch before its residual add (ZAYA's residual scaling,
-    (branch + b) * s + (resid + b') * s'), not the residual add itself."""
-    if node.target not in _ADDS or len(node.args) != 2 or x not in node.args:
+def _learned_term(node: fx.Node, x: fx.Node, ops) -> bool:
+    """`x + b` or `x * g` (`node.target` in `ops`) with b / g computed from parameters
+    and constants alone (no activation upstream), one element or one per channel of
+    `x`: a learned bias or gain on a branch before its residual add (ZAYA's residual
+    scaling, (branch + b) * s + (resid + b') * s'; Ergo's residual gate, sigmoid(w) *
+    branch), not the residual add itself. What the branch adds to the stream is the
+    value after it."""
+    if node.target not in ops or len(node.args) != 2 or x not in node.args:
         return False
-    return _weight_only(node.args[1] if node.args[0] is x else node.args[0], x)
-
-
-def _weight_only(g, x: fx.Node) -> bool:
-    """Whether `g` is computed from parameters and constants alone (no activation
-    upstream) and has one element or one per channel of `x`."""
+    g = node.args[1] if node.args[0] is x else node.args[0]
     if not isinstance(g, fx.Node) or val(g) is None or g is x:
         return False
     sg, sx = shape(g), shape(x)
     if sx is None or (val(g).numel() != 1 and not (len(sg) == 1 and same_size(sg[0], sx[-1]))):
         return False
     return not any(n.op == "placeholder" for n in ancestors(g) | {g})
-
-
-def _is_learned_gain(node: fx.Node, x: fx.Node) -> bool:
-    """`x * g` with g computed from parameters and constants alone (no activation
-    upstream), one element or one per channel: a learned gain on a branch before
-    its residual add (Ergo's residual gate: sigmoid(w) * branch). What the branch
-    adds to the stream is the gained value."""
-    if node.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(node.args) != 2 or x not in node.args:
-        return False
-    return _weight_only(node.args[1] if node.args[0] is x else node.args[0], x)
 
 
 def embedding_output(embed: fx.Node, resid_pre: fx.Node) -> fx.Node:
@@ -1119,6 +1107,7 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
 
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
+_MULS = (aten.mul.Tensor, aten.mul_.Tensor)
 
 
 def _unmasked(g: ShapedGraph, node: fx.Node) -> fx.Node:
@@ -1126,7 +1115,7 @@ def _unmasked(g: ShapedGraph, node: fx.Node) -> fx.Node:
     embedding lookup reaches (a padding mask: ZAYA zeroes padded positions before its
     q/k convolution), through layout ops; else `node`."""
     cur = walk_back(node, is_layout)[-1]
-    if cur.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(cur.args) != 2 \
+    if cur.target not in _MULS or len(cur.args) != 2 \
             or not all(isinstance(a, fx.Node) for a in cur.args):
         return node
     for x, m in (cur.args, cur.args[::-1]):
@@ -1205,7 +1194,7 @@ def _next_resid_add(g: ShapedGraph, stream: fx.Node, bset: set, d_model) -> fx.N
 def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
     """`stream * c` with c a one-element parameter or buffer, through casts
     (Gemma 4's layer_scalar)."""
-    if node.target not in (aten.mul.Tensor, aten.mul_.Tensor) or len(node.args) != 2 or stream not in node.args:
+    if node.target not in _MULS or len(node.args) != 2 or stream not in node.args:
         return False
     other = node.args[1] if node.args[0] is stream else node.args[0]
     if not isinstance(other, fx.Node):

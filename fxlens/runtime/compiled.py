@@ -272,8 +272,7 @@ class CompiledRunner:
         is off. Segments are logged as `label` segments."""
         copy, _ = copy_graph_module(gm)
         ctx = Context(spec=self.model.spec, hooked=frozenset(hooked))
-        passes = tuple(p for p in KV_VARIANT if self.fuse_attention or p[0] != "fuse_attention")
-        out = run_pipeline(copy, ctx, passes, advice=KV_ADVICE)
+        out = run_pipeline(copy, ctx, variant_pipeline(self.fuse_attention, True, KV_VARIANT), advice=KV_ADVICE)
         self._use_compiled_segments(out, label)
         return out
 

@@ -39,9 +39,9 @@ class Decoder:
     values) and the decode graph (new tokens against them), sharing the model's
     parameters and hook points."""
 
-    def __init__(self, model, prefill: fx.GraphModule, gm: fx.GraphModule, kv_shapes: list,
+    def __init__(self, model, prefill: fx.GraphModule, gm: fx.GraphModule,
                  windows: set[int], takes_mask: bool):
-        self.model, self.prefill_gm, self.gm, self.kv_shapes = model, prefill, gm, kv_shapes
+        self.model, self.prefill_gm, self.gm = model, prefill, gm
         self.windows = windows        # integer constants of the position-dependent score terms
         self.takes_mask = takes_mask  # both graphs take the attention mask (left-padded batches)
         self._runner = None           # the compiled runner the variants below belong to
@@ -111,7 +111,7 @@ def _build(model) -> Decoder:
         out.append((gm, ctx.results[-1]))
     (prefill, _), (decode, result) = out
     d = result.details
-    return Decoder(model, prefill, decode, d["kv_shapes"], d["windows"], d["takes_mask"])
+    return Decoder(model, prefill, decode, d["windows"], d["takes_mask"])
 
 
 def config_windows(config) -> set[int]:
