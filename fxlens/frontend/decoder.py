@@ -427,9 +427,11 @@ def _no_cache_config(model):
 
 
 def _range_of(ep, size) -> tuple:
-    """(min, max) a (symbolic) input size may take in `ep`; max None = unbounded."""
-    if isinstance(size, int):
-        return (size, size)
+    """(min, max) a (symbolic) input size may take in `ep`; max None = unbounded. A
+    SymInt whose expression is a number is a size `Dim.AUTO` specialised (Mamba's scan
+    unrolled over the probe's positions): that one size only."""
+    if isinstance(size, int) or size.node.expr.is_number:
+        return (int(size), int(size))
     r = ep.range_constraints.get(size.node.expr)
     if r is None:
         return (1, None)
