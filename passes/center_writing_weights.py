@@ -81,7 +81,10 @@ def center_writing_weights(gm, spec, log) -> PassResult:
         _center_embedding(gm, node, log)
         n += 1
     for b in spec.blocks:
-        if b.ln1_post is None:
+        if not b.has_attn:
+            if b.mixer is not None:
+                skipped.append(f"block {b.layer}: the token mixer {b.mixer} (no attention) is left as it is")
+        elif b.ln1_post is None:
             _center_linear(gm, b.o_proj, log)
             n += 1
         else:
@@ -89,10 +92,12 @@ def center_writing_weights(gm, spec, log) -> PassResult:
         if b.writer is not None and b.ln2_post is None:
             _center_linear(gm, b.writer, log)
             n += 1
-        else:
+        elif b.has_mlp:
             skipped.append(f"block {b.layer}: MLP output is not one linear (MoE) or passes a post-norm")
     # invariant: the rewritten output projections write mean-zero vectors
     for b in spec.blocks:
+        if not b.has_attn:
+            continue
         o_proj = site_node(gm, b.o_proj)
         if b.ln1_post is None and not Linear(o_proj).outputs_centred(gm):
             raise PassError(NAME, f"{o_proj.name}: W_O still has a mean component")

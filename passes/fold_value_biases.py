@@ -46,6 +46,8 @@ def _pattern_not_stochastic(z) -> str | None:
 def fold_value_biases(gm, spec, log, maps) -> PassResult:
     n, skipped = 0, []
     for b, m in zip(spec.blocks, maps):
+        if not b.has_attn:
+            continue        # a mixer block: no value bias
         v_proj = Linear(site_node(gm, b.qkv["v"][1]))
         why = _pattern_not_stochastic(site_node(gm, b.z))
         if why is not None:

@@ -97,7 +97,10 @@ def _ints(args) -> list[int]:
 def attention_chains(graph: fx.Graph, n_layers: int, act: set[fx.Node]):
     """Per block: (layer, the softmax behind hook_pattern, the pattern@V node behind
     hook_z, the scores chain from the softmax input back to QK^T)."""
+    names = {s[0] for n in graph.nodes for s in n.meta.get("fxlens.sites", [])}
     for layer in range(n_layers):
+        if f"blocks.{layer}.attn.hook_pattern" not in names:
+            continue        # an MLP-only block: nothing carried across positions
         softmax = _site(graph, f"blocks.{layer}.attn.hook_pattern")
         z = _site(graph, f"blocks.{layer}.attn.hook_z")
         if softmax.op == "call_function" and softmax.target in SOFTMAX_OPS \

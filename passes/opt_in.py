@@ -219,6 +219,11 @@ def materialise_opt_in(gm: fx.GraphModule, spec, name: str, maps=None) -> PassRe
     if layer is None or not 0 <= layer < len(spec.blocks):
         raise OptInError(f"{NAME}: {name} names no block of this model (0..{len(spec.blocks) - 1})")
     b = spec.blocks[layer]
+    if short != "hook_mlp_in" and not b.has_attn or short == "hook_mlp_in" and not b.has_mlp:
+        what = "attention" if short != "hook_mlp_in" else "MLP"
+        raise OptInError(f"{NAME}: {name}: block {layer} has no {what} (its sublayers: "
+                         f"{'a token mixer without attention scores, ' if b.mixer else ''}"
+                         f"{'an MLP' if b.has_mlp else 'no MLP'})")
     if short == "attn.hook_result":
         node = _result(gm, spec, layer, name)
         _annotate(node, name)

@@ -40,6 +40,26 @@ ROOT = Path(__file__).resolve().parent.parent
 RTOL = 1e-4
 BATCH, SEQ = 2, 7
 CORE_SITES = ("hook_resid_pre", "attn.hook_pattern", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+# a hybrid's layers (fxlens's cfg.layers[L]): a token mixer without attention scores (a
+# state-space or linear-attention layer: hook_mixer_out, its output) where the core
+# sites have attention, and no MLP site in a block without one (Nemotron-H's attention,
+# mixer and MLP layers are blocks of their own)
+def layer_sites(layer_cfg) -> tuple:
+    """The sites a layer must have, by the sublayers fxlens found in it (None: an
+    attention and an MLP)."""
+    if layer_cfg is None:
+        return CORE_SITES
+    mixer = {"attn": ("attn.hook_pattern", "hook_attn_out"), "mixer": ("hook_mixer_out",), "none": ()}
+    return ("hook_resid_pre", *mixer[layer_cfg.token_mixer], *(("hook_mlp_out",) if layer_cfg.has_mlp else ()),
+            "hook_resid_post")
+
+
+def layer_kind(layer_cfg) -> str:
+    if layer_cfg is None:
+        return "attn+mlp"
+    return {"attn": "attn", "mixer": "mixer", "none": "mlp"}[layer_cfg.token_mixer] + \
+        ("+mlp" if layer_cfg.has_mlp and layer_cfg.token_mixer != "none" else "")
+
 
 # Tiny sizes, by the config field's (standard) name. A config class that spells a
 # field differently declares it in its `attribute_map`, which `tiny_config` follows.
@@ -406,7 +426,11 @@ def check_type(model_type: str) -> dict:
     row["checks"]["log_probs"] = err
     if not err <= RTOL:
         failures.append(f"log-probs differ from HF's by {err:.3g} (relative)")
-    missing = [f"blocks.{L}.{s}" for L in range(n_layers) for s in CORE_SITES if f"blocks.{L}.{s}" not in names]
+    layer_cfgs = model.cfg.layers if len(model.cfg.layers) == n_layers else [None] * n_layers
+    kinds = [layer_kind(lc) for lc in layer_cfgs]
+    row["layers"] = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    missing = [f"blocks.{L}.{s}" for L, lc in enumerate(layer_cfgs) for s in layer_sites(lc)
+               if f"blocks.{L}.{s}" not in names]
     if missing:
         failures.append(f"missing sites {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     if len(hidden) >= n_layers:
@@ -414,7 +438,14 @@ def check_type(model_type: str) -> dict:
                 for L in range(n_layers) if f"blocks.{L}.hook_resid_pre" in cache]
         row["checks"]["resid_pre"] = max(errs) if errs else None
         if errs and not max(errs) <= RTOL:
-            failures.append(f"hook_resid_pre differs from HF's hidden_states by {max(errs):.3g}")
+            # HF's Mamba family lists each block's output, not its input (no embedding
+            # first): hidden_states[L] is then resid_post[L] (the last one normed)
+            post = [rel_err(cache[f"blocks.{L}.hook_resid_post"], hidden[L].float())
+                    for L in range(n_layers - 1) if f"blocks.{L}.hook_resid_post" in cache]
+            if post and max(post) <= RTOL and len(hidden) == n_layers + 1:
+                row["checks"]["resid_post"] = max(post)
+            else:
+                failures.append(f"hook_resid_pre differs from HF's hidden_states by {max(errs):.3g}")
     for L in range(n_layers):
         key = f"blocks.{L}.attn.hook_pattern"
         if key in cache:

@@ -303,28 +303,6 @@ def test_tiny_config_keeps_dependent_fields_consistent():
         assert torch.isfinite(out.logits).all()
 
 
-def test_blocks_without_attention_refused_before_the_fallback_exports(monkeypatch):
-    """A hybrid whose first export fails (qwen3.5's gated-delta scan: about a minute
-    an export on a CPU, eight fallback steps) is refused after that one export, with
-    the structure found, not after the whole chain: its linear-attention block 0 runs
-    no attention softmax, its full-attention blocks 1 and 2 do (the tiny model keeps
-    the first, the first full-attention and the last layer)."""
-    from fxlens.frontend import decoder as frontend
-    hf = support_matrix.tiny_model("qwen3_5_text")
-    assert frontend.mixed_blocks(hf, torch.randint(0, 100, (2, 11))) == ("model.layers", [1, 2], [0])
-    assert frontend.mixed_blocks(support_matrix.tiny_model("llama"), torch.randint(0, 100, (2, 11))) is None
-    calls = []
-
-    def failing_export(*args, **kwargs):   # the first step's failure, without its minute
-        calls.append(kwargs["dynamic_shapes"])
-        raise RuntimeError("Constraints violated (seq)!")
-    monkeypatch.setattr(torch.export, "export", failing_export)
-    with pytest.raises(fxlens.UnmappableModelError) as err:
-        fxlens.capture(hf)
-    assert len(calls) == 1
-    assert "attention softmax in model.layers.[1, 2] only; model.layers.[0] mix tokens without [query, key] scores" in str(err.value)
-
-
 def test_capture_error_names_control_flow_on_tensor_values():
     """A forward that loops over a tensor's values (kolibri1_1's indexer: for start in
     mask.unique().tolist()) cannot be exported; the reason names the model's line."""

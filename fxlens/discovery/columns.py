@@ -42,10 +42,16 @@ class BlockMaps:
     # role -> why its projection is no TransformerLens weight at all (discovery's
     # BlockSpec.qkv_indirect: MLA's low-rank latents, a k assembled from parts)
     indirect: dict = field(default_factory=dict)
+    # why the block has no attention weights at all (a mixer block, an MLP-only block)
+    no_attention: str | None = None
 
     def get(self, role: str, what: str) -> tuple | None:
         """(Linear, cols) of `role` (None where the block has no such projection), or
         an UnmappableModelError naming the op in the way."""
+        if role in ("q", "k", "v", "o") and self.no_attention:
+            raise UnmappableModelError(
+                f"{what}: this block has no attention ({self.no_attention}), so no W_Q/W_K/W_V/W_O. "
+                f"Read its output at hook_mixer_out (run_with_cache), or edit it with a hook")
         entry = getattr(self, role)
         if entry is None and role in self.indirect:
             raise UnmappableModelError(
@@ -68,14 +74,15 @@ def column_maps(gm, spec) -> list[BlockMaps]:
     node = functools.partial(site_node, gm)
     sources, sinks = set(), set()
     for b in spec.blocks:
-        for role in "qkv":
+        for role in "qkv" if b.has_attn else "":
             if role in b.qkv_indirect:
                 continue
             site, proj = b.qkv[role]
             sources.add(node(proj))
             sinks.add(node(site))
-        sources.add(node(b.z))
-        sinks.add(Linear(node(b.o_proj)).parts.x)
+        if b.has_attn:
+            sources.add(node(b.z))
+            sinks.add(Linear(node(b.o_proj)).parts.x)
         for role, (site, proj) in b.mlp_proj.items():
             sources.add(node(proj))
             sinks.add(node(site))
@@ -87,6 +94,9 @@ def column_maps(gm, spec) -> list[BlockMaps]:
     out = []
     for b in spec.blocks:
         m = BlockMaps(gm)
+        if not b.has_attn:
+            m.no_attention = (f"its token mixer {b.mixer} is a state-space or linear-attention layer"
+                              if b.mixer else "it is an MLP-only block")
 
         def mapped(role, value, make):
             if isinstance(value, NotIndex):
@@ -94,7 +104,7 @@ def column_maps(gm, spec) -> list[BlockMaps]:
             else:
                 setattr(m, role, make(value))
 
-        for role in "qkv":
+        for role in "qkv" if b.has_attn else "":
             site, proj = b.qkv[role]
             if role in b.qkv_indirect:
                 m.indirect[role] = b.qkv_indirect[role]
@@ -103,8 +113,9 @@ def column_maps(gm, spec) -> list[BlockMaps]:
             # [head, d_head]
             mapped(role, seen[node(site)], lambda v: (proj, lay.to_tl(v, batch=1).reshape(-1, lay.d_head or b.d_head)))
         # z (its own layout, one token) -> which o_proj input column each (head, d) feeds
-        mapped("o", seen[Linear(node(b.o_proj)).parts.x],
-               lambda v: (b.o_proj, inverse_columns(v).reshape(b.n_heads, b.d_head)))
+        if b.has_attn:
+            mapped("o", seen[Linear(node(b.o_proj)).parts.x],
+                   lambda v: (b.o_proj, inverse_columns(v).reshape(b.n_heads, b.d_head)))
         for role, (site, proj) in b.mlp_proj.items():
             mapped(role, seen[node(site)], lambda v: (proj, v.reshape(-1)))
         if b.writer is not None:

@@ -92,6 +92,10 @@ class LayerConfig:
     experts_per_token: int | None
     attn_type: str                  # "global" | "local" (sliding window); another kind by HF's name
     window_size: int | None
+    # not TransformerLens's: "attn", "mixer" (a state-space or linear-attention layer:
+    # hook_mixer_out, no attention sites, n_heads 0) or "none" (an MLP-only layer)
+    token_mixer: str = "attn"
+    has_mlp: bool = True
 
 
 def attention_types(hf_config, n_layers: int) -> tuple[list[str], int | None]:
@@ -137,11 +141,17 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
         positional_embedding_type="rotary" if b.rotary else "alibi" if b.alibi else positional,
         num_experts=n_experts if b.moe else None,
         experts_per_token=_first(hf_config, "num_experts_per_tok") if b.moe else None,
-        attn_type=kind, window_size=window if kind == "local" else None)
+        attn_type=kind, window_size=window if kind == "local" else None,
+        token_mixer="attn" if b.has_attn else "mixer" if b.mixer else "none", has_mlp=b.has_mlp)
         for b, kind in zip(spec.blocks, attn_types)]
 
     def across(field_name):
         return _across([getattr(layer, field_name) for layer in layers])
+
+    def across_attention(field_name):
+        # a hybrid's heads: its attention layers' (mixer layers have none), 0 without any
+        values = [getattr(layer, field_name) for layer in layers if layer.token_mixer == "attn"]
+        return _across(values) if values else 0
 
     rotary = [b for b in spec.blocks if b.rotary]
     rotary_dim = _across([_rotary_dim(hf_config, b.d_head) for b in rotary]) if rotary else None
@@ -153,9 +163,9 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
     archs = getattr(hf_config, "architectures", None)
     local = "local" in attn_types
     return FxlensConfig(
-        n_layers=spec.n_layers, d_model=spec.d_model, n_ctx=n_ctx, d_head=across("d_head"),
-        n_heads=across("n_heads"), d_vocab=spec.d_vocab, d_vocab_out=spec.d_vocab, d_mlp=across("d_mlp"),
-        n_key_value_heads=across("n_key_value_heads"),
+        n_layers=spec.n_layers, d_model=spec.d_model, n_ctx=n_ctx, d_head=across_attention("d_head"),
+        n_heads=across_attention("n_heads"), d_vocab=spec.d_vocab, d_vocab_out=spec.d_vocab,
+        d_mlp=across("d_mlp"), n_key_value_heads=across_attention("n_key_value_heads") or None,
         act_fn=_first(hf_config, "hidden_act", "activation_function", "hidden_activation"),
         normalization_type=norm, positional_embedding_type=across("positional_embedding_type"),
         rotary_dim=rotary_dim, parallel_attn_mlp=across("parallel_attn_mlp"), gated_mlp=across("gated_mlp"),

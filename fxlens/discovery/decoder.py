@@ -91,6 +91,18 @@ class BlockSpec:
     resid_mid: str | None = None
     mlp_in: str | None = None                         # the value the MLP reads ...
     mlp_in_readers: str | None = None                 # ... and its readers inside the MLP (a group)
+    # a block whose token mixer computes no attention scores (a state-space or
+    # linear-attention layer): the mixer module's path; attn is "" and the attention
+    # fields are empty. TransformerLens has no sites inside it (hook_mixer_out: its output)
+    mixer: str | None = None
+
+    @property
+    def has_attn(self) -> bool:
+        return bool(self.z)
+
+    @property
+    def has_mlp(self) -> bool:
+        return bool(self.mlp_proj) or self.moe
 
 
 @dataclass
@@ -141,25 +153,30 @@ class Sites:
                 add_handle(node, handle)
 
 
-def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites", mlp: "MlpSites",
-               resid_pre: fx.Node, resid_mid: fx.Node | None, **fields) -> BlockSpec:
+def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites | None", mlp: "MlpSites | None",
+               resid_pre: fx.Node, resid_mid: fx.Node | None, d_model=None, **fields) -> BlockSpec:
     """The BlockSpec of one analysed block, its nodes recorded as handles
-    ("blocks.L.attn.o_proj", ...); `fields`: the norms and `parallel`."""
+    ("blocks.L.attn.o_proj", ...); `fields`: the norms, `parallel`, `mixer`. A
+    block without attention (`att` None: a mixer block) or without an MLP leaves
+    those fields empty."""
     def h(role, *nodes):
         return sites.handle(block_name(layer, role), *nodes)
 
-    mlp_in = mlp.inputs[0] if mlp.inputs else None
+    mlp_in = mlp.inputs[0] if mlp is not None and mlp.inputs else None
     readers = [u for u in mlp_in.users if u in mlp.nodes] if mlp_in is not None else []
-    return BlockSpec(
-        layer=layer, path=path, attn=att.path, mlp=mlp.path, gated=mlp.gated, rotary=att.rotary, alibi=att.alibi,
-        moe=mlp.moe, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads, d_head=att.d_head, d_mlp=mlp.d_mlp,
-        d_model=att.d_model,
+    attn = {} if att is None else dict(
+        attn=att.path, rotary=att.rotary, alibi=att.alibi, n_heads=att.n_heads, n_kv_heads=att.n_kv_heads,
+        d_head=att.d_head,
         qkv={r: (h(f"attn.{r}", site), h(f"attn.{r}_proj", proj)) for r, (site, proj) in att.qkv.items()},
-        qkv_indirect=dict(att.qkv_indirect),
-        o_proj=h("attn.o_proj", att.o_proj), z=h("attn.z", att.z),
+        qkv_indirect=dict(att.qkv_indirect), o_proj=h("attn.o_proj", att.o_proj), z=h("attn.z", att.z))
+    ff = {} if mlp is None else dict(
+        mlp=mlp.path, gated=mlp.gated, moe=mlp.moe, d_mlp=mlp.d_mlp,
         mlp_proj={r: (h(f"mlp.{r}", site), h(f"mlp.{r}_proj", proj)) for r, (site, proj) in mlp.proj.items()},
         writer=h("mlp.out_proj", mlp.writer) if mlp.writer is not None else None,
-        post=h("mlp.post", mlp.post) if mlp.post is not None else None,
+        post=h("mlp.post", mlp.post) if mlp.post is not None else None)
+    return BlockSpec(
+        layer=layer, path=path, **{"attn": "", "mlp": None, **attn, **ff},
+        d_model=att.d_model if att is not None else d_model,
         resid_pre=h("resid_pre", resid_pre),
         resid_mid=h("resid_mid", resid_mid) if resid_mid is not None else None,
         mlp_in=h("mlp.in", mlp_in) if mlp_in is not None else None,
@@ -300,24 +317,51 @@ def _no_attention(g: ShapedGraph) -> UnmappableModelError:
                  "exp(x - logsumexp(x)), or a config without attention layers)")
 
 
-def find_blocks(g: ShapedGraph) -> list[tuple[int, str]]:
+def find_blocks(g: ShapedGraph, d_model=None) -> list[tuple[int, str]]:
+    """The blocks: the entries of the ModuleList with the most attention softmaxes
+    (the shortest path on a tie), every entry the graph runs, with attention or
+    not (a hybrid's state-space or linear-attention blocks: `_analyse_mixer_block`
+    maps or refuses each). With no attention softmax anywhere, the ModuleList
+    whose entries each take and return the [batch, pos, d_model] residual stream
+    (a state-space model)."""
     softmaxes = _attention_softmaxes(g, g.graph.nodes)
-    if not softmaxes:
-        raise _no_attention(g)
+    entries = _module_list_entries(g)
     lists: dict[str, set[int]] = {}
     for n in softmaxes:
         for p in module_paths(n):
             parent, _, idx = p.rpartition(".")
             if idx.isdigit():
                 lists.setdefault(parent, set()).add(int(idx))
-    if not lists:
+    if softmaxes and not lists:
         raise _fail("blocks", f"{len(softmaxes)} softmax node(s) outside any module list",
                     "a ModuleList of blocks")
-    parent = min(lists, key=lambda p: (-len(lists[p]), len(p)))
-    idxs = sorted(lists[parent])
+    if lists:
+        parent = min(lists, key=lambda p: (-len(lists[p]), len(p)))
+    else:
+        def carries_stream(path):
+            out = output_node(nodes_in(g.graph, path))
+            return out is not None and g.is_resid(out, d_model)
+
+        streams = {p: idxs for p, idxs in entries.items()
+                   if d_model is not None and all(carries_stream(f"{p}.{i}") for i in idxs)}
+        if not streams:
+            raise _no_attention(g)
+        parent = min(streams, key=lambda p: (-len(streams[p]), len(p)))
+    idxs = sorted(entries.get(parent, ()))
     if idxs != list(range(len(idxs))):
-        raise _fail("blocks", f"attention in {parent}.{idxs}", "attention in every block")
+        raise _fail("blocks", f"entries {idxs} of {parent} in the graph", "every entry of the block list")
     return [(i, f"{parent}.{i}") for i in idxs]
+
+
+def _module_list_entries(g: ShapedGraph) -> dict[str, set[int]]:
+    """parent path -> the indices of its entries (`parent.<i>`) that made graph nodes."""
+    entries: dict[str, set[int]] = {}
+    for n in g.graph.nodes:
+        for p in module_paths(n):
+            parent, _, idx = p.rpartition(".")
+            if idx.isdigit() and parent:
+                entries.setdefault(parent, set()).add(int(idx))
+    return entries
 
 
 def norm_paths(graph: fx.Graph) -> dict[str, dict]:
@@ -435,9 +479,11 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
         return cache[path]
 
     blocks = []
+    width = next((shape(n)[-1] for n in graph.nodes if n.target is aten.embedding.default
+                  and get_input_embeddings_path in module_paths(n)), None)
     d_model = None
-    for layer, bpath in find_blocks(g):
-        b = _analyse_block(g, sites, layer, bpath, norms, nodes_of)
+    for layer, bpath in find_blocks(g, width):
+        b = _analyse_block(g, sites, layer, bpath, norms, nodes_of, width)
         blocks.append(b)
         d_model = d_model or b.d_model
     # --- embeddings -------------------------------------------------------
@@ -841,10 +887,11 @@ def block_input(g: ShapedGraph, bpath: str, bnodes: list, d_model) -> fx.Node:
     return ins[0]
 
 
-def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: AttentionSites, norms: dict,
-                nodes_of) -> MlpSites:
+def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: "AttentionSites | _Sublayer",
+                norms: dict, nodes_of) -> MlpSites:
     """The MLP sites of block `bpath`: mlp.hook_pre / pre_linear / post, and the
-    branch output that joins the residual stream (mlp_out)."""
+    branch output that joins the residual stream (mlp_out). `attn`: the token
+    mixer the MLP follows (an attention, or a mixer block's `_Sublayer`)."""
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
@@ -855,7 +902,7 @@ def analyse_mlp(g: ShapedGraph, sites: Sites, layer: int, bpath: str, attn: Atte
             children.setdefault(c, []).append(n)
     if not children:
         raise _fail(f"block {bpath}", "no linear outside the attention", "an MLP")
-    attn_add = _resid_add(attn.out)
+    attn_add = _resid_add(attn.out) if attn.out is not None else None
     nxt = _next_resid_add(g, attn_add, bset, attn.d_model) if attn_add is not None else None
     if len(children) > 1 and nxt is not None:
         # a branch after the MLP's residual add (Gemma 4's per-layer-input branch) is
@@ -1021,10 +1068,15 @@ def _sorted_expert_sites(sites: Sites, name, mnodes: list, indices: fx.Node, n_e
     return None
 
 
-def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of) -> BlockSpec:
+def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of,
+                   width=None) -> BlockSpec:
     name = lambda short: block_name(layer, short)  # noqa: E731
     bnodes = nodes_of(bpath)
     bset = set(bnodes)
+    if width is not None and not any(n.op == "call_function" and n.target in SOFTMAX_OPS
+                                     and len(shape(n) or ()) >= 3 for n in bnodes):
+        # no softmax over scores of any layout (an MoE router's is [tokens, experts])
+        return _analyse_mixer_block(g, sites, layer, bpath, norms, nodes_of, width)
     out = output_node(bnodes)
     streams = _streams_per_position(g, out)
     if streams:
@@ -1052,6 +1104,19 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
     if resid_post is None or not g.is_resid(resid_post, d_model):
         raise _fail(f"block {bpath}", f"output {shape(resid_post) if resid_post else None}", "a residual output")
 
+    if not any(linear_parts(n) for n in bnodes if n not in att.nodes and norm_of(n, norms) is None):
+        # an attention-only block of a hybrid (Nemotron-H's: its MLPs are blocks of their own)
+        if _scaled_source(resid_post) is not _resid_add(attn_out):
+            raise _fail(f"block {bpath}", "no linear outside the attention", "an MLP")
+        ln1 = next((nm for nm in (norm_of(_unmasked(g, linear_parts(p)[0]), norms) for p in att.projections)
+                    if nm), None)
+        if ln1:
+            sites.add(name("ln1.hook_scale"), norms[ln1]["scale"])
+            sites.add(name("ln1.hook_normalized"), norms[ln1]["normalized"])
+        sites.add(name("hook_resid_pre"), resid_pre)
+        sites.add(name("hook_attn_out"), attn_out)
+        sites.add(name("hook_resid_post"), resid_post)
+        return block_spec(sites, layer, bpath, att, None, resid_pre, None, ln1=ln1, ln1_post=att.post_norm)
     mlp = analyse_mlp(g, sites, layer, bpath, att, norms, nodes_of)
 
     # --- norms feeding attention and MLP ---------------------------------------------
@@ -1108,6 +1173,153 @@ def _analyse_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: 
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
 _MULS = (aten.mul.Tensor, aten.mul_.Tensor)
+
+
+@dataclass
+class _Sublayer:
+    """The token mixer a block's MLP follows, as `analyse_mlp` reads it: an
+    attention (AttentionSites) or a mixer without attention scores, or none."""
+    path: str | None
+    out: fx.Node | None
+    nodes: set
+    d_model: object
+
+
+def _analyse_mixer_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of,
+                         d_model) -> BlockSpec:
+    """A block with no attention softmax (a state-space or linear-attention layer:
+    Mamba, Gated DeltaNet, RWKV, a short convolution). Its sublayers are the
+    branches added to the residual stream on the way from hook_resid_pre to
+    hook_resid_post: the one that mixes positions (`_mixes_positions`) is the
+    token mixer -- hook_mixer_out, what it adds; ln1, the norm it reads -- and one
+    after it that mixes none is the MLP (analyse_mlp's sites, ln2), resid_mid
+    between them. A block of one MLP branch (Nemotron-H's MLP layers) has only
+    the MLP. TransformerLens has no sites inside a mixer and fxlens names none;
+    anything else (two mixers, an MLP before the mixer) is refused."""
+    name = lambda short: block_name(layer, short)  # noqa: E731
+    bnodes = nodes_of(bpath)
+    bset = set(bnodes)
+    resid_pre = block_input(g, bpath, bnodes, d_model)
+    resid_post = output_node(bnodes)
+    if resid_post is None or not g.is_resid(resid_post, d_model):
+        raise _fail(f"block {bpath}", f"output {shape(resid_post) if resid_post else None}", "a residual output")
+    branches = _stream_branches(g, bpath, resid_pre, resid_post, bset, d_model, norms, nodes_of)
+    kinds = ["mixer" if _mixes_positions(g, nodes) else "mlp" for _, _, nodes in branches]
+    if kinds not in (["mixer"], ["mixer", "mlp"], ["mlp"]):
+        raise _fail(f"block {bpath}", f"no attention softmax and {len(kinds)} branch(es) added to the residual "
+                    f"stream: {', '.join(f'{k} ({out.name})' for k, (_, out, _) in zip(kinds, branches))} "
+                    f"(a mixer mixes positions: a convolution, a cumulative sum or a scan over them)",
+                    "one token mixer (attention or a state-space / linear-attention layer), then at most one MLP")
+    mixer = post = None
+    if kinds[0] == "mixer":
+        add, out, nodes = branches[0]
+        mixing = next(n for n in g.order if n in nodes and _mixing_op(g, n))
+        mixer_path = _child(bpath, mixing) or bpath
+        mnodes = set(nodes_of(mixer_path)) & nodes if mixer_path != bpath else nodes
+        reads = [a for n in mnodes for a in n.all_input_nodes if a not in mnodes and a in nodes]
+        ln1 = next((nm for nm in (norm_of(a, norms) for a in reads) if nm), None)
+        post = norm_of(out, norms)
+        if post is not None and (post == ln1 or post.startswith(mixer_path + ".")):
+            post = None
+        tag = "ln1_post" if ln1 else "ln1"     # as an attention's post-norm (LFM's post_operator_norm)
+        for t, norm in (("ln1", ln1), (tag, post)):
+            if norm:
+                sites.add(name(f"{t}.hook_scale"), norms[norm]["scale"])
+                sites.add(name(f"{t}.hook_normalized"), norms[norm]["normalized"])
+        sites.add(name("hook_resid_pre"), resid_pre)
+        sites.add(name("hook_mixer_out"), out)
+        mixer = _Sublayer(mixer_path, out, nodes, d_model)
+    else:
+        sites.add(name("hook_resid_pre"), resid_pre)
+        ln1 = None
+    mlp = ln2 = resid_mid = None
+    if kinds[-1] == "mlp":
+        mlp = analyse_mlp(g, sites, layer, bpath, mixer or _Sublayer(None, None, set(), d_model), norms, nodes_of)
+        ln2 = next((nm for nm in (norm_of(x, norms) for x in mlp.inputs) if nm), None)
+        for t, norm in (("ln2", ln2), ("ln2_post" if ln2 else "ln2", mlp.post_norm)):
+            if norm:
+                sites.add(name(f"{t}.hook_scale"), norms[norm]["scale"])
+                sites.add(name(f"{t}.hook_normalized"), norms[norm]["normalized"])
+        if mixer is not None:
+            resid_mid = branches[0][0]
+            sites.add(name("hook_resid_mid"), resid_mid)
+        sites.add(name("hook_mlp_out"), mlp.out)
+    sites.add(name("hook_resid_post"), resid_post)
+    return block_spec(sites, layer, bpath, None, mlp, resid_pre, resid_mid, d_model=d_model, ln1=ln1, ln2=ln2,
+                      ln1_post=post, ln2_post=mlp.post_norm if mlp else None,
+                      mixer=mixer.path if mixer is not None else None)
+
+
+def _stream_branches(g: ShapedGraph, bpath: str, resid_pre: fx.Node, resid_post: fx.Node, bset: set,
+                     d_model, norms: dict, nodes_of) -> list[tuple[fx.Node, fx.Node, set]]:
+    """The residual stream's adds from `resid_pre` to `resid_post`, found back from
+    the block output through casts, layout ops and scaling by constants or
+    parameters (Mamba's residual in float32, MiniMax's alpha * residual) and norms
+    of the whole stream (MiniMax's residual is the normed input): [(add, the
+    branch output it adds, the branch's nodes)], in order."""
+    def source(x):
+        x = _scaled_source(x)
+        norm = norm_of(x, norms)
+        nnodes = nodes_of(norm) if norm is not None else []
+        if norm is not None and x in nnodes:
+            # the stream normalised whole on its way (MiniMax: resid = ln(x) * alpha + branch * beta)
+            inner = set(nnodes)
+            ins = list(dict.fromkeys(a for n in nnodes for a in n.all_input_nodes
+                                     if a not in inner and g.is_resid(a, d_model)))
+            if len(ins) == 1:
+                return source(ins[0])
+        return x
+
+    def chain(x):
+        x = source(x)
+        if x is resid_pre:
+            return []
+        if x.target in _ADDS and x in bset and g.is_resid(x, d_model) and len(x.all_input_nodes) == 2:
+            for side in x.all_input_nodes:
+                before = chain(side)
+                if before is not None:
+                    branch, = (a for a in x.all_input_nodes if a is not side)
+                    return before + [(x, branch)]
+        return None
+
+    adds = chain(resid_post)
+    if adds is None:
+        raise _fail(f"block {bpath}", f"block output {resid_post.name} not reached from the block input "
+                    f"{resid_pre.name} by residual adds", "resid_post = resid_pre + the sublayers' outputs")
+    out, stream = [], ancestors(resid_pre) | {resid_pre}
+    for add, branch in adds:
+        nodes = (ancestors(branch, lambda n: n in bset) | {branch}) - stream
+        out.append((add, branch, nodes))
+        stream |= nodes | {add}
+    return out
+
+
+def _mixing_op(g: ShapedGraph, n: fx.Node) -> bool:
+    """An op that mixes positions without attention scores: a convolution, a
+    cumulative sum (a scan's decay), logsumexp, a matrix product of two
+    activations (an MLP multiplies activations by weights only), or one position
+    of a [batch, pos, ...] value picked out (`select` on the sequence axis: a
+    recurrence unrolled over the positions)."""
+    if n.op != "call_function":
+        return False
+    s = shape(n)
+    if n.target in _SEQUENCE_MIXERS or n.target in (aten.cumprod.default, aten.flip.default, aten.roll.default):
+        # not a router's count of tokens per expert (a cumsum over a 1-d histogram)
+        return s is not None and len(s) >= 3
+    if _is_product(n):
+        # a product of two activations (no parameter side): scores or a state over
+        # positions (MiniMax's lightning attention: q k^T and k^T v per block)
+        ops = [a for a in _operands(n) if isinstance(a, fx.Node)]
+        return len(ops) == 2 and all(g.ids in ancestors(a) for a in ops)
+    if n.target is aten.select.int:
+        s = shape(n.args[0])
+        dim = n.args[1] % len(s) if s else None
+        return s is not None and len(s) >= 3 and dim not in (0, len(s) - 1) and same_size(s[dim], g.seq)
+    return False
+
+
+def _mixes_positions(g: ShapedGraph, nodes: set) -> bool:
+    return any(_mixing_op(g, n) for n in nodes)
 
 
 def _unmasked(g: ShapedGraph, node: fx.Node) -> fx.Node:

@@ -23,7 +23,9 @@ BLOCK_SITES = (
     "attn.v_norm.hook_scale", "attn.v_norm.hook_normalized",
     "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
     "ln1_post.hook_scale", "ln1_post.hook_normalized",
-    "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
+    "hook_attn_out",
+    "hook_mixer_out",   # not TransformerLens's: a state-space / linear-attention mixer's output
+    "hook_resid_mid", "hook_mlp_in",
     "ln2.hook_scale", "ln2.hook_normalized",
     "mlp.hook_expert_weights", "mlp.hook_expert_indices",   # then mlp.experts.E.* (EXPERT_SITES)
     "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",

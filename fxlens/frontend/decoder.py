@@ -15,14 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from safetensors import SafetensorError
 
-from fxlens.discovery.decoder import unmappable
 from fxlens.frontend import compat
 from fxlens.errors import CaptureError
-from fxlens.ir.graph import SOFTMAX_OPS
 
 
 @dataclass
@@ -445,83 +442,6 @@ OPTIONAL_INPUTS = {"decoder": (MASK_INPUT,), "encoder": (MASK_INPUT, "token_type
 _PROBE = {MASK_INPUT: torch.ones_like, "token_type_ids": torch.zeros_like}
 
 
-def mixed_blocks(model, probe: torch.Tensor) -> tuple[str, list[int], list[int]] | None:
-    """Blocks of one `nn.ModuleList` of which some compute no attention scores,
-    seen in one eager forward on `probe`: a hybrid's linear-attention or
-    state-space mixers beside its attention layers, or such mixers only.
-
-    A block with attention runs an aten softmax over [batch, heads, query,
-    key] (4-d, batch and query the probe's), as discovery's blocks need; one
-    without runs no softmax of rank 3 or more (an MoE router's over tokens x
-    experts does not count; bloom's over [batch*heads, query, key] and
-    cpmant's over its prompt and the probe do). The list with the most blocks
-    with attention is taken (the shortest path on a tie), as discovery takes
-    it. Where no block has attention, all the blocks of the list with the most
-    that ran are without only if none computes [query, key] scores of any
-    kind either (no value whose last two sizes are both the probe's length: a
-    mask, QK^T, a softmax written out) and no fused attention ran. Returns (its path,
-    the blocks with, the blocks without), or None where there are none
-    without or the forward fails."""
-    active: list[tuple[str, int]] = []
-    ran: dict[str, set[int]] = {}
-    with_attn: dict[str, set[int]] = {}
-    with_softmax: dict[str, set[int]] = {}
-    with_scores: dict[str, set[int]] = {}
-    fused = []
-    softmaxes = SOFTMAX_OPS
-    batch, seq = probe.shape
-
-    def mark(seen, value):
-        for path, i in active:
-            seen.setdefault(path, set()).add(i)
-
-    class Scores(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if "scaled_dot_product" in str(func) or "flex_attention" in str(func):
-                fused.append(func)
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if not (isinstance(t, torch.Tensor) and t.dim() >= 2):
-                    continue
-                if func in softmaxes and t.dim() == 4 and t.shape[0] == batch and t.shape[-2] == seq:
-                    mark(with_attn, t)
-                if func in softmaxes and t.dim() >= 3:
-                    mark(with_softmax, t)
-                if (func in softmaxes and t.dim() >= 3) or t.shape[-1] == t.shape[-2] == seq:
-                    mark(with_scores, t)
-            return out
-
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList):
-            for i, child in enumerate(mod):
-                def pre(m, args, name=name, i=i):
-                    active.append((name, i))
-                    ran.setdefault(name, set()).add(i)
-
-                def post(m, args, out):
-                    active.pop()
-                handles.append(child.register_forward_pre_hook(pre))
-                handles.append(child.register_forward_hook(post, always_call=True))
-    try:
-        with torch.no_grad(), _no_cache_config(model), Scores():
-            model(probe, use_cache=False)
-    except Exception:  # noqa: BLE001 - no probe, no verdict: the export's own steps decide
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    if with_attn:
-        path = min(with_attn, key=lambda p: (-len(with_attn[p]), len(p)))
-        without = sorted(ran[path] - with_softmax.get(path, set()))
-    elif ran and not fused and not with_scores:
-        path = min(ran, key=lambda p: (-len(ran[p]), len(p)))
-        without = sorted(ran[path])
-    else:
-        return None
-    return (path, sorted(with_attn.get(path, ())), without) if without else None
-
-
 def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | None = None,
                    kind: str = "decoder"):
     """Export `model(input_ids, <OPTIONAL_INPUTS[kind]>, use_cache=False)` with
@@ -569,8 +489,6 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
                 ep = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
             attempts.append((method + (" with the mask" if decoder and given else ""), _first_line(exc)))
-            if decoder and len(attempts) == 1 and seq_len is None:
-                _refuse_mixed_blocks(model, probe, vocab, n_ctx, attempts)
             continue
         ph = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name) \
             if any(n.op == "placeholder" and n.name == name for n in ep.graph.nodes) else None
@@ -589,24 +507,6 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
         f"that torch.export can capture from its input ids"
         f"{'' if decoder else ' with dynamic batch and sequence length'}.")
-
-
-def _refuse_mixed_blocks(model, probe, vocab: int, n_ctx: int, attempts) -> None:
-    """Before the fallback exports (a hybrid's recurrent scan exports in about
-    a minute a step on a CPU, and the steps end in a per-length export): where
-    some blocks run no attention softmax (`mixed_blocks`), discovery would
-    refuse the graph whatever the export, so refuse now with its reason."""
-    # a length no head or chunk size of a tiny model shares (scores are [.., 11, 11])
-    length = 11 if n_ctx >= 11 else probe.shape[1]
-    mixed = mixed_blocks(model, torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0),
-                                              device=probe.device))
-    if mixed is None:
-        return
-    path, with_attn, without = mixed
-    where = f"an attention softmax in {path}.{with_attn} only; " if with_attn else "no attention softmax; "
-    raise unmappable(
-        "blocks", f"{where}{path}.{without} mix tokens without [query, key] scores (a linear-attention or state-space "
-        f"mixer; the first export failed too, {attempts[0][0]}: {attempts[0][1]})", "attention in every block")
 
 
 def functionalise(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -156,6 +156,14 @@ class ActivationCache:
     def _has_mlp(self) -> bool:
         return not getattr(self._cfg, "attn_only", False) and self._cfg.d_mlp is not None
 
+    def _sublayers(self, layer: int) -> tuple[str | None, bool]:
+        """What block `layer` adds to the stream: its token mixer's output ("attn_out",
+        or "mixer_out" for a state-space / linear-attention layer; None for an
+        MLP-only layer), and whether it has an MLP (mlp_out)."""
+        lc = self._cfg.layers[layer] if layer < len(getattr(self._cfg, "layers", ())) else None
+        kind = getattr(lc, "token_mixer", "attn")
+        return {"attn": "attn_out", "mixer": "mixer_out"}.get(kind), getattr(lc, "has_mlp", True)
+
     def _empty_stack(self, pos_slice) -> torch.Tensor:
         """[0, *batch_and_pos, d_model]: a stack with no components."""
         like = apply_slice(self[("resid_pre", 0)], pos_slice, -2)
@@ -220,17 +228,20 @@ class ActivationCache:
                     parts.append(self[name])
                     labels.append(label)
         for l in range(layer):
-            if incl_attn:
-                parts.append(self[("attn_out", l)])
-                labels.append(f"{l}_attn_out")
-            if incl_mlp:
+            mixer, has_mlp = self._sublayers(l)
+            if incl_attn and mixer:
+                parts.append(self[(mixer, l)])
+                labels.append(f"{l}_{mixer}")
+            if incl_mlp and has_mlp:
                 parts.append(self[("mlp_out", l)])
                 labels.append(f"{l}_mlp_out")
         if mlp_input and incl_attn and not self._parallel:
             if layer == self._cfg.n_layers:
                 raise ValueError("decompose_resid: mlp_input=True needs a layer below n_layers")
-            parts.append(self[("attn_out", layer)])
-            labels.append(f"{layer}_attn_out")
+            mixer, _ = self._sublayers(layer)
+            if mixer:
+                parts.append(self[(mixer, layer)])
+                labels.append(f"{layer}_{mixer}")
         stack = (torch.stack([apply_slice(p, pos_slice, -2) for p in parts]) if parts
                  else self._empty_stack(pos_slice))
         if apply_ln:
@@ -245,6 +256,11 @@ class ActivationCache:
         name = f"blocks.{layer}.attn.hook_result"
         if name in self.cache_dict:
             return self.cache_dict[name]
+        mixer, _ = self._sublayers(layer)
+        if mixer != "attn_out":
+            raise FxlensError(f"per-head results: block {layer} has no attention heads (its token mixer is "
+                              f"{'a state-space or linear-attention layer' if mixer else 'absent: an MLP-only block'}"
+                              f"); decompose_resid splits the residual stream by sublayer instead")
         z = self[("z", layer)]                              # [..., head, d_head]
         W_O = self.model.blocks[layer].attn.W_O             # [head, d_head, d_model]
         return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))

@@ -102,6 +102,7 @@ class BlockWeights:
 
     @property
     def b_O(self):
+        self._m().get("o", self._name("attn.b_O"))      # refuses a block without attention
         o_proj = site_node(self._gm(), self._model.spec.blocks[self.layer].o_proj)
         return self._bias("attn.b_O", Linear(o_proj))
 

@@ -149,6 +149,10 @@ def build_decoder(model, probe_len: int | None = None) -> tuple[Decoder | None, 
     last 3 one at a time, and compares every real position's logits with the full
     graph's on the same (padded) batch: past the longest window for the price of
     two forwards."""
+    mixers = [b.layer for b in model.spec.blocks if not b.has_attn and b.mixer]
+    if mixers:
+        return None, (f"blocks {mixers} carry a recurrent state (state-space or linear-attention "
+                      f"mixers), which a KV cache does not hold")
     try:
         dec = _build(model)
     except PassError as exc:      # kv_prefill / kv_decode: what could not be carried, and where
