@@ -433,16 +433,19 @@ def check_type(model_type: str) -> dict:
                if f"blocks.{L}.{s}" not in names]
     if missing:
         failures.append(f"missing sites {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    if len(hidden) >= n_layers:
-        errs = [rel_err(cache[f"blocks.{L}.hook_resid_pre"], hidden[L].float())
-                for L in range(n_layers) if f"blocks.{L}.hook_resid_pre" in cache]
+    # HF records hidden states for the blocks that ran: one the forward skips (an empty
+    # block: Mllama's cross-attention layers on text alone) records none
+    ran = [L for L, lc in enumerate(layer_cfgs) if lc is None or lc.token_mixer != "none" or lc.has_mlp]
+    if len(hidden) >= len(ran):
+        errs = [rel_err(cache[f"blocks.{L}.hook_resid_pre"], hidden[k].float())
+                for k, L in enumerate(ran) if f"blocks.{L}.hook_resid_pre" in cache]
         row["checks"]["resid_pre"] = max(errs) if errs else None
         if errs and not max(errs) <= RTOL:
             # HF's Mamba family lists each block's output, not its input (no embedding
             # first): hidden_states[L] is then resid_post[L] (the last one normed)
-            post = [rel_err(cache[f"blocks.{L}.hook_resid_post"], hidden[L].float())
-                    for L in range(n_layers - 1) if f"blocks.{L}.hook_resid_post" in cache]
-            if post and max(post) <= RTOL and len(hidden) == n_layers + 1:
+            post = [rel_err(cache[f"blocks.{L}.hook_resid_post"], hidden[k].float())
+                    for k, L in enumerate(ran[:-1]) if f"blocks.{L}.hook_resid_post" in cache]
+            if post and max(post) <= RTOL and len(hidden) == len(ran) + 1:
                 row["checks"]["resid_post"] = max(post)
             else:
                 failures.append(f"hook_resid_pre differs from HF's hidden_states by {max(errs):.3g}")

@@ -319,3 +319,36 @@ def test_capture_error_names_control_flow_on_tensor_values():
     reason = _first_line(err.value)
     assert "control flow on tensor values at test_support.py:" in reason
     assert "for v in x.unique().tolist():" in reason
+
+
+def test_a_block_the_forward_skips_is_an_empty_block():
+    """Mllama on text alone skips its cross-attention layers (layer 1 of the tiny
+    model): no node of model.layers.1 is in the graph, between two blocks that ran.
+    Block 1 is kept, empty: hook_resid_pre and hook_resid_post are the stream block
+    0 returned, the hooks chain in order (an edit at blocks.1.hook_resid_pre reaches
+    blocks.2), and generation uses the KV cache of the attention blocks."""
+    from fxlens.runtime.generate import KVCacheWarning
+    import warnings
+    hf = support_matrix.tiny_model("mllama")
+    ids = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    assert model.cfg.n_layers == 3
+    assert [(lc.token_mixer, lc.has_mlp) for lc in model.cfg.layers] == [("attn", True), ("none", False),
+                                                                       ("attn", True)]
+    logits, cache = model.run_with_cache(ids)
+    assert support_matrix.rel_err(logits, want) <= 1e-4      # float32 rounding
+    assert torch.equal(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
+    assert torch.equal(cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
+    shift = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    seen = {}
+    model.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_pre", lambda x, hook: x + shift),
+                                         ("blocks.2.hook_resid_pre", lambda x, hook: seen.setdefault("x", x))])
+    torch.testing.assert_close(seen["x"], cache["blocks.2.hook_resid_pre"] + shift)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KVCacheWarning)
+        cached = model.generate(ids[:1], max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    full = model.generate(ids[:1], max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False,
+                          use_past_kv_cache=False)
+    assert torch.equal(cached, full)

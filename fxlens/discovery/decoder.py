@@ -348,9 +348,11 @@ def find_blocks(g: ShapedGraph, d_model=None) -> list[tuple[int, str]]:
             raise _no_attention(g)
         parent = min(streams, key=lambda p: (-len(streams[p]), len(p)))
     idxs = sorted(entries.get(parent, ()))
-    if idxs != list(range(len(idxs))):
-        raise _fail("blocks", f"entries {idxs} of {parent} in the graph", "every entry of the block list")
-    return [(i, f"{parent}.{i}") for i in idxs]
+    if not idxs or idxs[0] != 0:
+        raise _fail("blocks", f"entries {idxs} of {parent} in the graph", "the block list's first entry")
+    # an entry between two that ran and made no node is a block the forward skips
+    # (Mllama's cross-attention layers without an image): an empty block, see analyse
+    return [(i, f"{parent}.{i}") for i in range(idxs[-1] + 1)]
 
 
 def _module_list_entries(g: ShapedGraph) -> dict[str, set[int]]:
@@ -483,7 +485,10 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
                   and get_input_embeddings_path in module_paths(n)), None)
     d_model = None
     for layer, bpath in find_blocks(g, width):
-        b = _analyse_block(g, sites, layer, bpath, norms, nodes_of, width)
+        if not nodes_of(bpath):
+            b = _skipped_block(sites, layer, bpath, blocks[-1])
+        else:
+            b = _analyse_block(g, sites, layer, bpath, norms, nodes_of, width)
         blocks.append(b)
         d_model = d_model or b.d_model
     # --- embeddings -------------------------------------------------------
@@ -1183,6 +1188,16 @@ class _Sublayer:
     out: fx.Node | None
     nodes: set
     d_model: object
+
+
+def _skipped_block(sites: Sites, layer: int, bpath: str, before: BlockSpec) -> BlockSpec:
+    """A block the forward skips (no node of it in the graph, between two that ran:
+    Mllama's cross-attention layers on text alone): hook_resid_pre and
+    hook_resid_post are both the stream the block before returned, no sublayers."""
+    stream = sites.found[block_name(before.layer, "hook_resid_post")][0]
+    sites.add(block_name(layer, "hook_resid_pre"), stream)
+    sites.add(block_name(layer, "hook_resid_post"), stream)
+    return block_spec(sites, layer, bpath, None, None, stream, None, d_model=before.d_model)
 
 
 def _analyse_mixer_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, norms: dict, nodes_of,
