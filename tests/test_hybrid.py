@@ -171,3 +171,22 @@ def test_a_hybrid_of_convolution_and_attention_layers():
         warnings.simplefilter("ignore")
         processed = fxlens.from_pretrained(hf, self_check=False)
     assert support_matrix.rel_err(processed(ids).log_softmax(-1), out.logits.log_softmax(-1)) <= RTOL
+
+
+def test_compiled_model_says_when_a_length_runs_eagerly(mamba):
+    """The captured Mamba graph holds for one length only: a compiled model runs
+    other lengths on their eager per-length graphs, and says so once per length.
+    (Last in this file: it compiles the module's model.)"""
+    from fxlens.runtime.compiled import CompileFallbackWarning
+    hf, model = mamba
+    model.compile()
+    ids = torch.randint(0, 500, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+    with pytest.warns(CompileFallbackWarning, match=r"\[2, 5\] input runs eagerly.*lengths 8..8"):
+        got = model(ids)
+    assert support_matrix.rel_err(got, want) <= RTOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        model(ids)                                     # once per length
+    assert model.compile_stats()["compilations"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -234,6 +235,8 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
              ) -> tuple[torch.Tensor, dict]:
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`.
         `mask` [batch, pos] (checked by `_padding_mask`; None: no padding)."""
+        if self._compiled is not None and not self._covers(tokens):
+            self._warn_eager_length(tokens)
         if self._compiled is not None and self._covers(tokens) and (
                 self._compiled.hooks == "python" or not self._has_bwd_hooks()):
             # an SAE's sites are no graph nodes: they are cached by hooks, inside their site's
@@ -245,6 +248,21 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
                 logits, rest = self._compiled.run(tokens, [n for n in cache_names if n not in inner], mask)
             return logits, {**rest, **store}
         return self._run_eager(tokens, cache_names, mask)
+
+    def _warn_eager_length(self, tokens: torch.Tensor) -> None:
+        """Once per input length: a compiled model runs the eager per-length graph for an
+        input the captured graph is not valid for (fxlens compiles the captured one)."""
+        seen = self.__dict__.setdefault("_eager_lengths", set())
+        if tokens.shape[1] in seen:
+            return
+        seen.add(tokens.shape[1])
+        from fxlens.runtime.compiled import CompileFallbackWarning
+        info = self.capture_info
+        fmt = lambda r: f"{r[0]}..{'' if r[1] is None else r[1]}"  # noqa: E731
+        warnings.warn(f"compiled: a [batch, pos] = {list(tokens.shape[:2])} input runs eagerly, on a graph "
+                      f"exported for its length: the compiled graph holds for sequence lengths "
+                      f"{fmt(info.seq_range)} and batch sizes {fmt(info.batch_range)} ({info.method} capture)",
+                      CompileFallbackWarning, stacklevel=4)
 
     def _has_bwd_hooks(self) -> bool:
         # backward hooks are tensor hooks registered as a HookPoint runs: between compiled
