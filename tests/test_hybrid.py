@@ -24,6 +24,7 @@ from fxlens.runtime.generate import KVCacheWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import support_matrix  # noqa: E402
+from conftest import hf_outputs  # noqa: E402
 
 # float32 rounding: the sweep's 1e-4 of the reference's largest magnitude
 RTOL = 1e-4
@@ -33,13 +34,6 @@ RTOL = 1e-4
 def mamba():
     hf = support_matrix.tiny_model("mamba")
     return hf, fxlens.from_pretrained_no_processing(hf, self_check=False)
-
-
-def _mixer_outputs(hf) -> tuple[dict, list]:
-    got, handles = {}, []
-    for L, layer in enumerate(hf.backbone.layers):
-        handles.append(layer.mixer.register_forward_hook(lambda m, a, o, L=L: got.__setitem__(L, o.detach())))
-    return got, handles
 
 
 def test_state_space_blocks_are_mapped_site_by_site(mamba):
@@ -53,22 +47,16 @@ def test_state_space_blocks_are_mapped_site_by_site(mamba):
     assert info.method == "per-length" and info.seq_range[0] == info.seq_range[1]
     for length in (7, 5):
         ids = torch.randint(0, 500, (2, length), generator=torch.Generator().manual_seed(length))
-        got, handles = _mixer_outputs(hf)
-        try:
-            with torch.no_grad():
-                out = hf(ids, use_cache=False, output_hidden_states=True)
-        finally:
-            for h in handles:
-                h.remove()
+        want = hf_outputs(hf, ids, {L: layer.mixer for L, layer in enumerate(hf.backbone.layers)})
         logits, cache = model.run_with_cache(ids)
-        assert support_matrix.rel_err(logits, out.logits) <= RTOL
+        assert support_matrix.rel_err(logits, want["logits"]) <= RTOL
         for L in range(model.cfg.n_layers):
-            assert support_matrix.rel_err(cache[f"blocks.{L}.hook_mixer_out"], got[L]) <= RTOL
+            assert support_matrix.rel_err(cache[f"blocks.{L}.hook_mixer_out"], want[L]) <= RTOL
             # resid_post = resid_pre + mixer_out, exactly as the graph adds them
             torch.testing.assert_close(cache[f"blocks.{L}.hook_resid_post"],
                                        cache[f"blocks.{L}.hook_resid_pre"] + cache[f"blocks.{L}.hook_mixer_out"])
         # HF's Mamba lists block outputs as its hidden states (no embedding first)
-        assert support_matrix.rel_err(cache["blocks.0.hook_resid_post"], out.hidden_states[0]) <= RTOL
+        assert support_matrix.rel_err(cache["blocks.0.hook_resid_post"], want["hidden"][0]) <= RTOL
     assert [lc.token_mixer for lc in model.cfg.layers] == ["mixer", "mixer"]
     assert not any(lc.has_mlp for lc in model.cfg.layers)
     assert model.cfg.n_heads == 0 and model.cfg.d_mlp is None
@@ -138,28 +126,21 @@ def test_a_hybrid_of_convolution_and_attention_layers():
     keeps HF's logits; weights exist for the attention layers only."""
     hf = support_matrix.tiny_model("lfm3")
     ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(5))
-    added, handles = {}, []
-    for L, layer in enumerate(hf.model.layers):
-        for short, mod in (("mixer" if hasattr(layer, "conv") else "attn", layer.post_operator_norm),
-                           ("mlp", layer.post_ffn_norm)):
-            handles.append(mod.register_forward_hook(lambda m, a, o, k=(short, L): added.__setitem__(k, o.detach())))
-    try:
-        with torch.no_grad():
-            out = hf(ids, use_cache=False, output_attentions=True, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
+    # what each sublayer adds: its post-norm's output
+    added = {(short, L): mod for L, layer in enumerate(hf.model.layers)
+             for short, mod in (("mixer" if hasattr(layer, "conv") else "attn", layer.post_operator_norm),
+                                ("mlp", layer.post_ffn_norm))}
+    want = hf_outputs(hf, ids, added, output_attentions=True)
     model = fxlens.from_pretrained_no_processing(hf, self_check=False)
     assert [lc.token_mixer for lc in model.cfg.layers] == ["mixer", "attn", "attn", "mixer"]
     assert all(lc.has_mlp for lc in model.cfg.layers) and model.cfg.n_heads == 4
     logits, cache = model.run_with_cache(ids)
-    assert support_matrix.rel_err(logits, out.logits) <= RTOL
-    for (kind, L), want in added.items():
-        got = cache[f"blocks.{L}.hook_{kind}_out"]
-        assert support_matrix.rel_err(got, want) <= RTOL, (kind, L)
-        assert support_matrix.rel_err(cache[f"blocks.{L}.hook_resid_pre"], out.hidden_states[L]) <= RTOL
-    for L, want in zip((1, 2), out.attentions):     # HF lists the attention layers' patterns only
-        torch.testing.assert_close(cache[f"blocks.{L}.attn.hook_pattern"], want, rtol=1e-5, atol=1e-6)
+    assert support_matrix.rel_err(logits, want["logits"]) <= RTOL
+    for kind, L in added:
+        assert support_matrix.rel_err(cache[f"blocks.{L}.hook_{kind}_out"], want[kind, L]) <= RTOL, (kind, L)
+        assert support_matrix.rel_err(cache[f"blocks.{L}.hook_resid_pre"], want["hidden"][L]) <= RTOL
+    for L, pattern in zip((1, 2), want["attentions"]):     # HF lists the attention layers' patterns only
+        torch.testing.assert_close(cache[f"blocks.{L}.attn.hook_pattern"], pattern, rtol=1e-5, atol=1e-6)
     assert "blocks.0.ln1_post.hook_scale" in cache and "blocks.0.attn.hook_pattern" not in cache
     stack, labels = cache.decompose_resid(layer=3, return_labels=True)
     assert labels == ["embed", "0_mixer_out", "0_mlp_out", "1_attn_out", "1_mlp_out", "2_attn_out", "2_mlp_out"]
@@ -170,7 +151,7 @@ def test_a_hybrid_of_convolution_and_attention_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         processed = fxlens.from_pretrained(hf, self_check=False)
-    assert support_matrix.rel_err(processed(ids).log_softmax(-1), out.logits.log_softmax(-1)) <= RTOL
+    assert support_matrix.rel_err(processed(ids).log_softmax(-1), want["logits"].log_softmax(-1)) <= RTOL
 
 
 def test_compiled_model_says_when_a_length_runs_eagerly(mamba):

@@ -22,6 +22,7 @@ import fxlens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import support_matrix  # noqa: E402
+from conftest import hf_outputs  # noqa: E402
 
 SUBSET = {"gpt2": "dims", "gpt_neo": "dynamic", "granitemoe": "dims"}
 
@@ -86,22 +87,6 @@ def test_heads_folded_into_the_batch_softmax(model_type):
     torch.testing.assert_close(seen["z"], mean_v, rtol=1e-5, atol=1e-6)
 
 
-def _hf_outputs(hf, ids, modules: dict) -> dict:
-    """HF's values: each named module's output (or its input, for a key ending in '<')."""
-    got, handles = {}, []
-    for key, mod in modules.items():
-        inp = key.endswith("<")
-        handles.append(mod.register_forward_hook(
-            lambda m, a, o, key=key, inp=inp: got.__setitem__(key, (a[0] if inp else o).detach())))
-    try:
-        with torch.no_grad():
-            out = hf(ids, use_cache=False, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return {**got, "hidden": out.hidden_states, "logits": out.logits}
-
-
 def test_gemma4_post_norms_per_layer_branch_and_layer_gain():
     """Gemma 4 (issue 10): RMSNorms spelt x * pow(mean(x^2) + eps, -0.5) are norms
     (ln1/ln1_post/ln2/ln2_post, the weightless v norm), a per-layer-input branch after
@@ -114,7 +99,7 @@ def test_gemma4_post_norms_per_layer_branch_and_layer_gain():
             layer.layer_scalar.fill_(gain)     # 1 at init: set off it so the gain shows
     ids = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(2))
     lay = hf.model.layers[0]
-    want = _hf_outputs(hf, ids, {"attn_out": lay.post_attention_layernorm, "mlp_out": lay.post_feedforward_layernorm,
+    want = hf_outputs(hf, ids, {"attn_out": lay.post_attention_layernorm, "mlp_out": lay.post_feedforward_layernorm,
                                  "post<": lay.mlp.down_proj, "extra": lay.post_per_layer_input_norm,
                                  "v_norm": lay.self_attn.v_norm})
     model = fxlens.from_pretrained_no_processing(hf, self_check=False)
@@ -228,7 +213,7 @@ def test_learned_gate_on_a_branch_before_its_residual_add():
     lay = hf.model.layers[0]
     cap = fxlens.capture(hf)          # one export for the raw and the processed model
     model = fxlens.from_pretrained_no_processing(cap, self_check=False)
-    want = _hf_outputs(hf, ids, {"normed": lay.post_attention_layernorm, "resid_mid": lay.attention_residual_gate})
+    want = hf_outputs(hf, ids, {"normed": lay.post_attention_layernorm, "resid_mid": lay.attention_residual_gate})
     logits, cache = model.run_with_cache(ids)
     # float32 rounding, ~1e-7 of the log-probs in the sweep
     assert support_matrix.rel_err(logits.log_softmax(-1), want["logits"].log_softmax(-1)) <= 1e-4
