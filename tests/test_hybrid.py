@@ -154,6 +154,30 @@ def test_a_hybrid_of_convolution_and_attention_layers():
     assert support_matrix.rel_err(processed(ids).log_softmax(-1), want["logits"].log_softmax(-1)) <= RTOL
 
 
+def test_a_linear_over_the_positions_is_a_token_mixer():
+    """A mixer that is a linear map over the positions (an MLP-Mixer-style token
+    mixing, put in place of a Mamba block's mixer) is found as a mixer, not an MLP:
+    nothing in it convolves or scans, but its product runs over the positions axis."""
+    class TokenMix(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(8, 8, bias=False)
+
+        def forward(self, x, **kwargs):
+            return self.mix(x.transpose(1, 2)).transpose(1, 2)
+
+    hf = support_matrix.tiny_model("mamba")
+    hf.backbone.layers[0].mixer = TokenMix()
+    ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = hf(ids, use_cache=False).logits
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    assert [lc.token_mixer for lc in model.cfg.layers] == ["mixer", "mixer"]
+    logits, cache = model.run_with_cache(ids)
+    assert support_matrix.rel_err(logits, want) <= RTOL
+    assert "blocks.0.hook_mixer_out" in cache and "blocks.0.hook_mlp_out" not in cache
+
+
 def test_compiled_model_says_when_a_length_runs_eagerly(mamba):
     """The captured Mamba graph holds for one length only: a compiled model runs
     other lengths on their eager per-length graphs, and says so once per length.

@@ -287,6 +287,7 @@ def _attention_softmaxes(g: "ShapedGraph", nodes) -> list[fx.Node]:
 # ops that mix positions without attention, named in a refusal
 _SEQUENCE_MIXERS = {aten.conv1d.default, aten.convolution.default, aten.cumsum.default,
                     aten.logsumexp.default, aten._log_softmax.default, aten.log_softmax.int}
+_FFTS = {aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default}
 
 
 def _no_attention(g: ShapedGraph) -> UnmappableModelError:
@@ -1310,9 +1311,10 @@ def _stream_branches(g: ShapedGraph, bpath: str, resid_pre: fx.Node, resid_post:
 
 
 def _mixing_op(g: ShapedGraph, n: fx.Node) -> bool:
-    """An op that mixes positions without attention scores: a convolution, a
-    cumulative sum (a scan's decay), logsumexp, a matrix product of two
-    activations (an MLP multiplies activations by weights only), or one position
+    """An op that mixes positions without attention scores: a convolution (direct
+    or by FFT), a cumulative sum (a scan's decay), logsumexp, a product over the
+    positions axis (a [batch, ..., pos] operand: a token-mixing linear), a matrix
+    product of two activations (an MLP multiplies activations by weights only), or one position
     of a [batch, pos, ...] value picked out (`select` on the sequence axis: a
     recurrence unrolled over the positions)."""
     if n.op != "call_function":
@@ -1321,7 +1323,15 @@ def _mixing_op(g: ShapedGraph, n: fx.Node) -> bool:
     if n.target in _SEQUENCE_MIXERS or n.target in (aten.cumprod.default, aten.flip.default, aten.roll.default):
         # not a router's count of tokens per expert (a cumsum over a 1-d histogram)
         return s is not None and len(s) >= 3
-    if _is_product(n):
+    if n.target in _FFTS:
+        return True                 # a long convolution computed by FFT (Hyena-style)
+    lin = linear_parts(n)
+    if lin is not None or _is_product(n):
+        x = lin[0] if lin is not None else _operands(n)[0]
+        sx = shape(x) if isinstance(x, fx.Node) else None
+        if sx is not None and len(sx) >= 3 and same_size(sx[0], g.batch) and same_size(sx[-1], g.seq):
+            return True             # a product over the positions (a token-mixing linear)
+    if lin is None and _is_product(n):
         # a product of two activations (no parameter side): scores or a state over
         # positions (MiniMax's lightning attention: q k^T and k^T v per block)
         ops = [a for a in _operands(n) if isinstance(a, fx.Node)]
