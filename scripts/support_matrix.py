@@ -57,8 +57,9 @@ def layer_sites(layer_cfg) -> tuple:
 def layer_kind(layer_cfg) -> str:
     if layer_cfg is None:
         return "attn+mlp"
-    return {"attn": "attn", "mixer": "mixer", "none": "mlp"}[layer_cfg.token_mixer] + \
-        ("+mlp" if layer_cfg.has_mlp and layer_cfg.token_mixer != "none" else "")
+    if layer_cfg.token_mixer == "none":
+        return "mlp" if layer_cfg.has_mlp else "skipped"
+    return layer_cfg.token_mixer + ("+mlp" if layer_cfg.has_mlp else "")
 
 
 # Tiny sizes, by the config field's (standard) name. A config class that spells a
@@ -530,9 +531,11 @@ def summary(rows: list[dict]) -> dict:
     counted = [r for r in rows if r["status"] in COUNTED]
     passed = [r for r in counted if r["status"] == "pass"]
     proc = [r for r in counted if r.get("processed") == "pass"]
+    # passing types with a layer that is not attention + MLP (a mixer, no MLP, a skipped block)
+    mixed = [r for r in passed if any(k != "attn+mlp" for k in r.get("layers") or {})]
     return {"types": len(rows), "hf_broken": len(rows) - len(counted), "counted": len(counted),
             "pass": len(passed), "pass_rate": round(len(passed) / len(counted), 4) if counted else None,
-            "processed_pass": len(proc)}
+            "processed_pass": len(proc), "pass_with_other_layers": len(mixed)}
 
 
 def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
@@ -551,20 +554,26 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
         "",
         f"**{s['pass']} of {s['counted']} model types pass ({100 * (s['pass_rate'] or 0):.1f}%)**; "
         f"{s['hf_broken']} whose HF model itself cannot be built tiny or run are listed and not counted. "
-        f"Processed (`fxlens.from_pretrained`, log-probs equal HF's): {s['processed_pass']} of {s['counted']}.",
+        f"Processed (`fxlens.from_pretrained`, log-probs equal HF's): {s['processed_pass']} of {s['counted']}. "
+        f"{s.get('pass_with_other_layers', 0)} of the passing types have layers other than attention + MLP "
+        f"(state-space, linear-attention or convolution mixers, blocks without an MLP, skipped blocks); "
+        f"{s['pass'] - s.get('pass_with_other_layers', 0)} have attention and an MLP in every layer.",
         "",
         f"transformers {meta.get('transformers')}, torch {meta.get('torch')}; "
         f"command: `{meta.get('command')}`.",
         "",
         "Pass means: log-probs equal HF's (relative 1e-4); every layer has "
         + ", ".join(f"`{c}`" for c in CORE_SITES)
-        + "; `hook_resid_pre` equals HF's `hidden_states[L]`; pattern rows sum to 1. "
+        + " -- a layer whose token mixer computes no attention scores has `hook_mixer_out` in place of the "
+        "attention's two, a layer without an MLP no `hook_mlp_out` (column `layers`: each kind's count) -- ; "
+        "`hook_resid_pre` equals HF's `hidden_states[L]` (HF's Mamba family lists block outputs: "
+        "`hook_resid_post`); pattern rows sum to 1. "
         "Processed: `from_pretrained` with its default processing, log-probs equal HF's. "
         "Capture: how `torch.export` succeeded (`model.capture_info`). "
         "Sites: the per-block sites found (beyond the core ones) and the model-level sites.",
         "",
-        "| model type | status | processed | capture | sites | reason |",
-        "|---|---|---|---|---|---|",
+        "| model type | status | processed | capture | layers | sites | reason |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["model_type"]):
         sites = [x for x in r.get("sites") or [] if x not in core]
@@ -575,7 +584,8 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
             reason = (reason + "; " if reason else "") + "processed: " + r["processed_reason"]
         reason = reason.replace("|", "\\|").replace("\n", " ")
         status = r["status"] + (" (wide)" if r.get("sizes") == "wide" else "")
-        lines.append(f"| {r['model_type']} | {status} | {r.get('processed') or ''} | {cap_s} | "
+        layers = " ".join(f"{k} {n}" for k, n in (r.get("layers") or {}).items())
+        lines.append(f"| {r['model_type']} | {status} | {r.get('processed') or ''} | {cap_s} | {layers} | "
                      f"{' '.join(sites)} | {reason} |")
     (out_dir / "SUPPORT.md").write_text("\n".join(lines) + "\n")
 
