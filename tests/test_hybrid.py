@@ -157,7 +157,9 @@ def test_a_hybrid_of_convolution_and_attention_layers():
 def test_a_linear_over_the_positions_is_a_token_mixer():
     """A mixer that is a linear map over the positions (an MLP-Mixer-style token
     mixing, put in place of a Mamba block's mixer) is found as a mixer, not an MLP:
-    nothing in it convolves or scans, but its product runs over the positions axis."""
+    nothing in it convolves or scans, but its product runs over the positions axis.
+    The embedding is scaled by a constant (as Gemma's and RecurrentGemma's): the
+    residual walk stops at the block input, not at the embedding behind it."""
     class TokenMix(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -168,6 +170,7 @@ def test_a_linear_over_the_positions_is_a_token_mixer():
 
     hf = support_matrix.tiny_model("mamba")
     hf.backbone.layers[0].mixer = TokenMix()
+    hf.backbone.embeddings.register_forward_hook(lambda m, args, out: out * 8.0)
     ids = torch.randint(0, 500, (2, 8), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         want = hf(ids, use_cache=False).logits

@@ -1274,7 +1274,7 @@ def _stream_branches(g: ShapedGraph, bpath: str, resid_pre: fx.Node, resid_post:
     of the whole stream (MiniMax's residual is the normed input): [(add, the
     branch output it adds, the branch's nodes)], in order."""
     def source(x):
-        x = _scaled_source(x)
+        x = _scaled_source(x, stop=resid_pre)     # not past the input (Gemma's scaled embedding)
         norm = norm_of(x, norms)
         nnodes = nodes_of(norm) if norm is not None else []
         if norm is not None and x in nnodes:
@@ -1440,10 +1440,11 @@ def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
     return src.op == "get_attr" and val(src) is not None and val(src).numel() == 1
 
 
-def _scaled_source(node: fx.Node) -> fx.Node:
+def _scaled_source(node: fx.Node, stop: fx.Node | None = None) -> fx.Node:
     """The value `node` is, up to casts, layout ops and scaling by constants or
-    parameters (Beam's depth-scaled residual, Doge's learned residual weights)."""
-    while True:
+    parameters (Beam's depth-scaled residual, Doge's learned residual weights);
+    not walked past `stop`."""
+    while node is not stop:
         if node.target in CASTS or is_layout(node) or is_scalar_scale(node):
             ins = [a for a in node.all_input_nodes if val(a) is not None and val(a).dim() > 0]
         elif node.target in (aten.mul.Tensor, aten.div.Tensor):
@@ -1453,6 +1454,7 @@ def _scaled_source(node: fx.Node) -> fx.Node:
         if len(ins) != 1:
             return node
         node = ins[0]
+    return node
 
 
 def _block_tail(g: ShapedGraph, bpath: str, mlp_add: fx.Node, resid_post: fx.Node, bset: set,
