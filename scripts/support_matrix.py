@@ -593,7 +593,8 @@ def write_docs(rows: list[dict], meta: dict, out_dir: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated model types (default: all)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model type")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds per model type (a hybrid's chunked-scan export alone takes up to two minutes)")
     ap.add_argument("--jobs", type=int, default=1, help="model types checked at once (one thread each)")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder for SUPPORT.md and support.json")
     ap.add_argument("--no-write", action="store_true", help="print only")
