@@ -184,8 +184,8 @@ def block_spec(sites: Sites, layer: int, path: str, att: "AttentionSites | None"
         **fields)
 
 
-SCOPE = ("fxlens maps decoder-only transformers whose blocks each hold one attention (eager softmax) "
-         "and one MLP.")
+SCOPE = ("fxlens maps decoder-only models whose blocks each hold one token mixer (an eager attention "
+         "softmax, or a state-space / linear-attention layer) and at most one MLP, on one residual stream.")
 
 
 def unmappable(what: str, found: str, missing: str, scope: str = SCOPE) -> UnmappableModelError:
@@ -326,13 +326,8 @@ def find_blocks(g: ShapedGraph, d_model=None) -> list[tuple[int, str]]:
     whose entries each take and return the [batch, pos, d_model] residual stream
     (a state-space model)."""
     softmaxes = _attention_softmaxes(g, g.graph.nodes)
-    entries = _module_list_entries(g)
-    lists: dict[str, set[int]] = {}
-    for n in softmaxes:
-        for p in module_paths(n):
-            parent, _, idx = p.rpartition(".")
-            if idx.isdigit():
-                lists.setdefault(parent, set()).add(int(idx))
+    entries = _list_entries(g.graph.nodes)
+    lists = _list_entries(softmaxes)
     if softmaxes and not lists:
         raise _fail("blocks", f"{len(softmaxes)} softmax node(s) outside any module list",
                     "a ModuleList of blocks")
@@ -356,10 +351,10 @@ def find_blocks(g: ShapedGraph, d_model=None) -> list[tuple[int, str]]:
     return [(i, f"{parent}.{i}") for i in range(idxs[-1] + 1)]
 
 
-def _module_list_entries(g: ShapedGraph) -> dict[str, set[int]]:
-    """parent path -> the indices of its entries (`parent.<i>`) that made graph nodes."""
+def _list_entries(nodes) -> dict[str, set[int]]:
+    """ModuleList path -> the indices of its entries (`<path>.<i>`) that made `nodes`."""
     entries: dict[str, set[int]] = {}
-    for n in g.graph.nodes:
+    for n in nodes:
         for p in module_paths(n):
             parent, _, idx = p.rpartition(".")
             if idx.isdigit() and parent:
@@ -1224,11 +1219,11 @@ def _analyse_mixer_block(g: ShapedGraph, sites: Sites, layer: int, bpath: str, n
     if kinds not in (["mixer"], ["mixer", "mlp"], ["mlp"]):
         raise _fail(f"block {bpath}", f"no attention softmax and {len(kinds)} branch(es) added to the residual "
                     f"stream: {', '.join(f'{k} ({out.name})' for k, (_, out, _) in zip(kinds, branches))} "
-                    f"(a mixer mixes positions: a convolution, a cumulative sum or a scan over them)",
+                    f"(a mixer mixes positions: a convolution, a cumulative sum, a scan or a product over them)",
                     "one token mixer (attention or a state-space / linear-attention layer), then at most one MLP")
     mixer = post = None
     if kinds[0] == "mixer":
-        add, out, nodes = branches[0]
+        _, out, nodes = branches[0]
         mixing = next(n for n in g.order if n in nodes and _mixing_op(g, n))
         mixer_path = _child(bpath, mixing) or bpath
         mnodes = set(nodes_of(mixer_path)) & nodes if mixer_path != bpath else nodes

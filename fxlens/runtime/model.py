@@ -22,7 +22,7 @@ from fxlens.interp.weights import WeightsMixin
 from fxlens.discovery.encoder import INPUTS
 from fxlens.passes import materialise_opt_in
 from fxlens.runtime.build import DEFAULT_FLAGS, load
-from fxlens.runtime.compiled import CompiledRunner
+from fxlens.runtime.compiled import CompileFallbackWarning, CompiledRunner
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -256,7 +256,6 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         if tokens.shape[1] in seen:
             return
         seen.add(tokens.shape[1])
-        from fxlens.runtime.compiled import CompileFallbackWarning
         info = self.capture_info
         fmt = lambda r: f"{r[0]}..{'' if r[1] is None else r[1]}"  # noqa: E731
         warnings.warn(f"compiled: a [batch, pos] = {list(tokens.shape[:2])} input runs eagerly, on a graph "
