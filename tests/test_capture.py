@@ -99,3 +99,38 @@ def test_a_write_through_a_view_is_kept():
     resid = cache["blocks.0.hook_resid_pre"]
     want = out.hidden_states[0]
     assert (resid - want).abs().max() <= 1e-5 * want.abs().max()   # the same adds, float32 rounding
+
+
+def test_a_private_in_place_write_becomes_its_out_of_place_op(monkeypatch):
+    """An in-place op on a fresh value nothing else reads (Gemma 4's `h *= layer_scalar`,
+    GPT-Neo's `detach_`) is replaced by its out-of-place op, without the retrace
+    of `run_decompositions` (most of such a capture's time); a write through a view
+    still takes the retrace. Either way the graph has no in-place op and gives HF's logits."""
+    from tiny_models import tiny_model
+
+    from fxlens.frontend.compat import mutates
+
+    retraced = []
+    real = torch.export.ExportedProgram.run_decompositions
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions",
+                        lambda self, *a, **k: retraced.append(1) or real(self, *a, **k))
+
+    def private(module, args, out):
+        h = out + 0.5
+        h.mul_(2.0)                 # h: made here, read by nothing else
+        return h
+
+    def through_view(module, args, out):
+        out[:, 0] += 1.0            # a write through a select of `out`
+
+    for edit, retrace in ((private, False), (through_view, True)):
+        hf = tiny_model("gpt2")
+        hf.transformer.wte.register_forward_hook(edit)
+        retraced.clear()
+        model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+        assert bool(retraced) is retrace
+        assert not any(mutates(n) for n in model.graph_module.graph.nodes)
+        tokens = torch.tensor([[1, 40, 41, 42, 43]])
+        with torch.no_grad():
+            want = hf(tokens).logits
+        assert (model(tokens) - want).abs().max() <= 1e-4 * want.abs().max()   # float32 rounding
