@@ -49,9 +49,8 @@ def layer_sites(layer_cfg) -> tuple:
     attention and an MLP)."""
     if layer_cfg is None:
         return CORE_SITES
-    mixer = {"attn": ("attn.hook_pattern", "hook_attn_out"), "mixer": ("hook_mixer_out",), "none": ()}
-    return ("hook_resid_pre", *mixer[layer_cfg.token_mixer], *(("hook_mlp_out",) if layer_cfg.has_mlp else ()),
-            "hook_resid_post")
+    pattern = ("attn.hook_pattern",) if layer_cfg.has_attn else ()
+    return ("hook_resid_pre", *pattern, *layer_cfg.sublayer_outputs(), "hook_resid_post")
 
 
 def layer_kind(layer_cfg) -> str:

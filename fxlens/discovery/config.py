@@ -97,6 +97,17 @@ class LayerConfig:
     token_mixer: str = "attn"
     has_mlp: bool = True
 
+    @property
+    def has_attn(self) -> bool:
+        return self.token_mixer == "attn"
+
+    def sublayer_outputs(self) -> tuple[str, ...]:
+        """What the block adds to the residual stream, in order, by site:
+        hook_attn_out (an attention) or hook_mixer_out (a token mixer without
+        attention scores), then hook_mlp_out where it has an MLP."""
+        mixer = {"attn": ("hook_attn_out",), "mixer": ("hook_mixer_out",)}.get(self.token_mixer, ())
+        return (*mixer, *(("hook_mlp_out",) if self.has_mlp else ()))
+
 
 def attention_types(hf_config, n_layers: int) -> tuple[list[str], int | None]:
     """Each layer's attention kind from the HF config, in TransformerLens's words
@@ -150,7 +161,7 @@ def make_config(spec, hf_config, n_ctx: int, name: str, dtype, device, arch: str
 
     def across_attention(field_name):
         # a hybrid's heads: its attention layers' (mixer layers have none), 0 without any
-        values = [getattr(layer, field_name) for layer in layers if layer.token_mixer == "attn"]
+        values = [getattr(layer, field_name) for layer in layers if layer.has_attn]
         return _across(values) if values else 0
 
     rotary = [b for b in spec.blocks if b.rotary]

@@ -161,8 +161,10 @@ class ActivationCache:
         or "mixer_out" for a state-space / linear-attention layer; None for an
         MLP-only layer), and whether it has an MLP (mlp_out)."""
         lc = self._cfg.layers[layer] if layer < len(getattr(self._cfg, "layers", ())) else None
-        kind = getattr(lc, "token_mixer", "attn")
-        return {"attn": "attn_out", "mixer": "mixer_out"}.get(kind), getattr(lc, "has_mlp", True)
+        if lc is None:
+            return "attn_out", True
+        outs = [s.removeprefix("hook_") for s in lc.sublayer_outputs()]
+        return next((s for s in outs if s != "mlp_out"), None), lc.has_mlp
 
     def _empty_stack(self, pos_slice) -> torch.Tensor:
         """[0, *batch_and_pos, d_model]: a stack with no components."""

@@ -327,7 +327,7 @@ class TransformerLensMixin:
         if on:
             for layer in range(self.cfg.n_layers):
                 lc = self.cfg.layers[layer] if layer < len(self.cfg.layers) else None
-                if lc is not None and not (lc.has_mlp if flag == "use_hook_mlp_in" else lc.token_mixer == "attn"):
+                if lc is not None and not (lc.has_mlp if flag == "use_hook_mlp_in" else lc.has_attn):
                     continue    # a hybrid's block without that sublayer (a mixer block, an MLP-only one)
                 for short in _OPT_IN_SWITCHES[flag]:
                     self._hook_point(f"blocks.{layer}.{short}")

@@ -235,10 +235,10 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
              ) -> tuple[torch.Tensor, dict]:
         """Logits, and {name: activation in TransformerLens layout} for `cache_names`.
         `mask` [batch, pos] (checked by `_padding_mask`; None: no padding)."""
-        if self._compiled is not None and not self._covers(tokens):
+        covered = self._compiled is not None and self._covers(tokens)
+        if self._compiled is not None and not covered:
             self._warn_eager_length(tokens)
-        if self._compiled is not None and self._covers(tokens) and (
-                self._compiled.hooks == "python" or not self._has_bwd_hooks()):
+        if covered and (self._compiled.hooks == "python" or not self._has_bwd_hooks()):
             # an SAE's sites are no graph nodes: they are cached by hooks, inside their site's
             # HookPoint, which the compiled variant runs as Python (fxlens.interp.saes)
             inner = self._sae_site_names(cache_names)
