@@ -70,13 +70,15 @@ def arch(request):
 
 
 def hf_outputs(hf, ids, modules: dict, **kwargs) -> dict:
-    """HF's values on `ids`: each named module's output (or its input, for a key ending
-    in '<'), the hidden states, logits and (with output_attentions=True) attentions."""
+    """HF's values on `ids`: each named module's output (its first, for a tuple; or its
+    input, for a key ending in '<'), the hidden states, logits and (with
+    output_attentions=True) attentions."""
     got, handles = {}, []
     for key, mod in modules.items():
         inp = isinstance(key, str) and key.endswith("<")
         handles.append(mod.register_forward_hook(
-            lambda m, a, o, key=key, inp=inp: got.__setitem__(key, (a[0] if inp else o).detach())))
+            lambda m, a, o, key=key, inp=inp: got.__setitem__(
+                key, (a[0] if inp else o[0] if isinstance(o, tuple) else o).detach())))
     try:
         with torch.no_grad():
             out = hf(ids, use_cache=False, output_hidden_states=True, **kwargs)

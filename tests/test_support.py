@@ -234,7 +234,6 @@ REFUSED = {
     "diffllama": "differential attention",      # (softmax_1 - lambda * softmax_2) @ V
     "dory": "recurrent section reusing its layers",   # the same block module called per loop
     "xlnet": "a relative-position term",        # QK^T einsum plus a second einsum of the queries
-    "xlm": "parallel module lists",             # attentions.L, layer_norm1.L, ffns.L, ...: no block module
     # hyper-connections: [b, s, 4, d] between blocks (deepseek_v4 too: the sweep checks it; hy_v4
     # captures in 22 s against its 35)
     "hy_v4": "residual streams per position",
@@ -243,6 +242,52 @@ REFUSED = {
     # (inkling2_loop_text has the same blocks: the sweep checks it)
     "inkling2_text": "block attention residuals: .* a learned mixture of earlier blocks' outputs",
 }
+
+
+def test_a_layer_spread_over_parallel_module_lists_is_one_block():
+    """XLM keeps layer L in attentions[L], layer_norm1[L], ffns[L], layer_norm2[L] and
+    adds the residuals in their parent, multiplying the stream by a padding mask
+    (tokens equal to pad_index) after each layer; it also builds its own KV cache,
+    concatenating an empty past to k and v. Block L is the four entries and the
+    parent's adds between them: its sites are HF's module outputs and hidden states,
+    padded positions included, and an empty past is no computation on k (no rot_k)."""
+    hf = support_matrix.tiny_model("xlm")
+    model = fxlens.from_pretrained_no_processing(hf, self_check=False)
+    ids = torch.randint(5, 500, (2, 7), generator=torch.Generator().manual_seed(4))
+    ids[1, 4:] = hf.config.pad_index        # zeroed in the stream after each layer
+    t = hf.transformer
+    want = hf_outputs(hf, ids, {"attn_out": t.attentions[1], "mlp_out": t.ffns[1], "ln1": t.layer_norm1[1]})
+    # HF, given no mask, masks the pad tokens itself; the graph takes the mask as an input
+    assert model.capture_info.pad_masked == hf.config.pad_index
+    with pytest.raises(fxlens.PaddingError, match="holds? the pad token"):
+        model(ids)
+    logits, cache = model.run_with_cache(ids, attention_mask=ids != hf.config.pad_index)
+    # float32 rounding of the same ops in another order: ~1e-6 of the values' size
+    torch.testing.assert_close(logits, want["logits"], rtol=1e-5, atol=1e-5)
+    for L in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{L}.hook_resid_pre"], want["hidden"][L], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cache[f"blocks.{L}.hook_resid_post"], want["hidden"][L + 1], rtol=1e-5, atol=1e-6)
+    assert cache["blocks.1.hook_resid_post"][1, 4:].abs().max() == 0       # the padding mask is in the block
+    torch.testing.assert_close(cache["blocks.1.hook_attn_out"], want["attn_out"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache["blocks.1.hook_mlp_out"], want["mlp_out"], rtol=1e-5, atol=1e-6)
+    # post-LN: layer_norm1[L], after the attention's add, feeds the MLP (ln2, as openai-gpt's
+    # ln_1); hook_normalized is the value before its gain and bias
+    ln = t.layer_norm1[1]
+    torch.testing.assert_close(cache["blocks.1.ln2.hook_normalized"] * ln.weight + ln.bias, want["ln1"],
+                               rtol=1e-5, atol=1e-5)
+    assert "blocks.0.attn.hook_rot_k" not in model.hook_names
+    assert model.cfg.layers[0].token_mixer == "attn" and model.cfg.layers[0].has_mlp
+    # an edit at a site changes what follows it as in HF: zero layer 0's MLP
+    zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+    h = t.ffns[0].register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+    try:
+        with torch.no_grad():
+            want_zero = hf(ids, use_cache=False).logits
+    finally:
+        h.remove()
+    got_zero = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_mlp_out", zero)],
+                                    attention_mask=ids != hf.config.pad_index)
+    torch.testing.assert_close(got_zero, want_zero, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", list(REFUSED))

@@ -7,7 +7,10 @@ It changes nothing but `node.meta`: each site node gets
 (insert_hooks, weight processing, dumps) read those annotations.
 
 How each site is found (shapes: b batch, s pos, h heads, d d_head, m d_model):
-  blocks        the ModuleList whose every child owns one attention softmax
+  blocks        the ModuleList whose every child owns one attention softmax; where
+                each child is the attention itself, the same entry of its sibling
+                lists with it (XLM's attentions.i, layer_norm1.i, ffns.i, ...) and
+                the parent's residual adds between them
   attn_scores   the softmax's input; pattern = the softmax
   q / k / v     the first [b,s,h,d]-shaped value on the path from a projection
                 to the QK^T matmul's operands (q, k) or to the pattern@V matmul
@@ -244,7 +247,24 @@ def residual_layout(graph: fx.Graph, node: fx.Node, layout: Layout = Layout()) -
 
 
 def nodes_in(graph: fx.Graph, path: str) -> list[fx.Node]:
-    return [n for n in graph.nodes if path in module_paths(n)]
+    """The nodes module `path` made. A spread layer's path (SPREAD-joined entries):
+    its entries' nodes and the lists' parent's own nodes that follow from them
+    before the next layer's first node (the residual adds, a padding mask's product)."""
+    if SPREAD not in path:
+        return [n for n in graph.nodes if path in module_paths(n)]
+    members = _members(path)
+    home = members[0].rpartition(".")[0].rpartition(".")[0]
+    nxt = {f"{m.rpartition('.')[0]}.{int(m.rpartition('.')[2]) + 1}" for m in members}
+    inside: set = set()
+    for n in graph.nodes:
+        paths = module_paths(n)
+        if any(m in paths for m in members):
+            inside.add(n)
+        elif nxt & set(paths):
+            break
+        elif inside and module_path(n) == home and any(a in inside for a in n.all_input_nodes):
+            inside.add(n)
+    return [n for n in graph.nodes if n in inside]
 
 
 def folded_heads(size, batch) -> int:
@@ -346,9 +366,44 @@ def find_blocks(g: ShapedGraph, d_model=None) -> list[tuple[int, str]]:
     idxs = sorted(entries.get(parent, ()))
     if not idxs or idxs[0] != 0:
         raise _fail("blocks", f"entries {idxs} of {parent} in the graph", "the block list's first entry")
+    lists = _spread_lists(g, parent, entries, softmaxes)
     # an entry between two that ran and made no node is a block the forward skips
     # (Mllama's cross-attention layers without an image): an empty block, see analyse
-    return [(i, f"{parent}.{i}") for i in range(idxs[-1] + 1)]
+    return [(i, SPREAD.join(f"{lst}.{i}" for lst in lists)) for i in range(idxs[-1] + 1)]
+
+
+# A block path made of several module-list entries joined by SPREAD: one layer
+# spread over parallel lists (XLM's attentions.i, layer_norm1.i, ffns.i,
+# layer_norm2.i), its residual adds made in the lists' parent module
+SPREAD = "+"
+
+
+def _spread_lists(g: ShapedGraph, parent: str, entries: dict, softmaxes: list) -> list[str]:
+    """The module lists one layer is spread over: [parent] when each entry of
+    `parent` holds its attention as a child (a block module), else -- the entry
+    is the attention itself -- `parent` and its sibling lists with the same
+    entries, in the order the forward runs them."""
+    first = f"{parent}.0"
+    own = [n for n in softmaxes if first in module_paths(n)]
+    if not own or any(_child(first, n) is not None for n in own):
+        return [parent]
+    home = parent.rpartition(".")[0]
+    order = {}
+    for i, n in enumerate(g.graph.nodes):
+        for p in module_paths(n):
+            order.setdefault(p, i)
+    lists = [lst for lst, idxs in entries.items() if idxs == entries[parent] and lst.rpartition(".")[0] == home]
+    return sorted(lists, key=lambda lst: order.get(f"{lst}.0", len(order)))
+
+
+def _members(bpath: str) -> list[str]:
+    """The module-list entries a block path names (one, or a spread layer's several)."""
+    return bpath.split(SPREAD)
+
+
+def in_block(path: str, bpath: str) -> bool:
+    """Whether module `path` is (inside) one of block `bpath`'s entries."""
+    return any(path == m or path.startswith(m + ".") for m in _members(bpath))
 
 
 def _list_entries(nodes) -> dict[str, set[int]]:
@@ -382,7 +437,10 @@ def norm_of(node: fx.Node, norms: dict) -> str | None:
 
 
 def _child(path: str, node: fx.Node) -> str | None:
-    """The direct child module of `path` that produced `node`."""
+    """The direct child module of `path` that produced `node`; for a spread
+    layer's path, the entry that did."""
+    if SPREAD in path:
+        return next((m for m in _members(path) if m in module_paths(node)), None)
     for p in module_paths(node):
         if p.startswith(path + ".") and "." not in p[len(path) + 1:]:
             return p
@@ -490,7 +548,8 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     # --- embeddings -------------------------------------------------------
     embed = pos_embed = None
     embeddings = [n for n in graph.nodes if n.target is aten.embedding.default
-                  and not any(p.startswith(blocks[0].path.rpartition(".")[0] + ".") for p in module_paths(n))]
+                  and not any(p.startswith(lst + ".") for lst in
+                              (m.rpartition(".")[0] for m in _members(blocks[0].path)) for p in module_paths(n))]
     for n in embeddings:
         if get_input_embeddings_path and get_input_embeddings_path in module_paths(n):
             embed = n
@@ -500,7 +559,7 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
     first_in, = sites.handles[blocks[0].resid_pre]
     embed_out = embedding_output(embed, first_in)
     embed_ln = norm_of(first_in, norms)
-    if embed_ln is not None and not any(embed_ln.startswith(b.path + ".") for b in blocks) \
+    if embed_ln is not None and not any(in_block(embed_ln, b.path) for b in blocks) \
             and embed_out in ancestors(norms[embed_ln]["normalized"]):
         # a norm between the token embedding and the first block (BLOOM's): TransformerLens's
         # embed.ln, inside its Embed, so hook_embed is the embedding after it (W_E stays the
@@ -530,7 +589,7 @@ def analyse(gm: fx.GraphModule, get_input_embeddings_path: str | None,
                     f"a linear in {get_output_embeddings_path!r}")
     x_in = linear_parts(unembed)[0]
     ln_final = norm_of(x_in, norms)
-    if ln_final is not None and any(ln_final.startswith(b.path + ".") for b in blocks):
+    if ln_final is not None and any(in_block(ln_final, b.path) for b in blocks):
         ln_final = None
     if ln_final:
         sites.add("ln_final.hook_scale", norms[ln_final]["scale"])
@@ -1351,11 +1410,20 @@ def _unmasked(g: ShapedGraph, node: fx.Node) -> fx.Node:
             or not all(isinstance(a, fx.Node) for a in cur.args):
         return node
     for x, m in (cur.args, cur.args[::-1]):
-        sm = shape(m)
-        if sm is not None and len(sm) == 3 and same_size(sm[0], g.batch) and same_size(sm[1], g.seq) \
-                and sm[2] == 1 and not any(a.target is aten.embedding.default for a in ancestors(m)):
+        if _is_padding_factor(g, m):
             return x
     return node
+
+
+def _is_padding_factor(g: ShapedGraph, m) -> bool:
+    """One factor per position ([batch, pos, 1]) computed from the inputs alone --
+    no embedding, projection or floating-point parameter upstream: a padding mask."""
+    s = shape(m) if isinstance(m, fx.Node) else None
+    if s is None or len(s) != 3 or s[-1] != 1 or not same_size(s[0], g.batch) or not same_size(s[1], g.seq):
+        return False
+    up = ancestors(m) | {m}
+    return not any(n.target is aten.embedding.default or n.target in MATMUL_OPS or linear_parts(n)
+                   or (n.op == "get_attr" and val(n) is not None and val(n).is_floating_point()) for n in up)
 
 
 def _stack_mixture(g: ShapedGraph, bnodes: list, bset: set) -> tuple[fx.Node, fx.Node] | None:
@@ -1435,6 +1503,14 @@ def _is_gain(node: fx.Node, stream: fx.Node) -> bool:
     return src.op == "get_attr" and val(src) is not None and val(src).numel() == 1
 
 
+def _is_position_mask(g: ShapedGraph, node: fx.Node, stream: fx.Node) -> bool:
+    """`stream * m` with m a padding mask (`_is_padding_factor`) zeroing the stream
+    at padded positions (XLM's `tensor *= mask` after each layer)."""
+    if node.target not in _MULS or len(node.args) != 2 or stream not in node.args:
+        return False
+    return _is_padding_factor(g, node.args[1] if node.args[0] is stream else node.args[0])
+
+
 def _scaled_source(node: fx.Node, stop: fx.Node | None = None) -> fx.Node:
     """The value `node` is, up to casts, layout ops and scaling by constants or
     parameters (Beam's depth-scaled residual, Doge's learned residual weights);
@@ -1470,7 +1546,8 @@ def _block_tail(g: ShapedGraph, bpath: str, mlp_add: fx.Node, resid_post: fx.Nod
                 cur = out       # the stream normalised whole (post-LN)
                 continue
         steps = [u for u in cur.users if u in bset and g.is_resid(u, d_model)
-                 and (u.target in _ADDS or _is_gain(u, cur) or u.target in CASTS or is_layout(u))]
+                 and (u.target in _ADDS or _is_gain(u, cur) or u.target in CASTS or is_layout(u)
+                      or _is_position_mask(g, u, cur))]
         if len(steps) != 1:
             raise _fail(f"block {bpath}", f"residual stream {cur.name} after the MLP used by "
                         f"{[u.name for u in cur.users]}", "one path from the MLP's residual add to the block output")

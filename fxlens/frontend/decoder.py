@@ -118,8 +118,41 @@ def plain_graph_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
                 (node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default):
             graph.erase_node(node)
     graph.output(outputs[0] if isinstance(outputs, (tuple, list)) else outputs)   # the logits
+    _drop_empty_concats(graph)
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _drop_empty_concats(graph: fx.Graph) -> None:
+    """A `cat` with an operand of static size 0 along its dim is the other operand:
+    a KV cache the forward makes for itself and starts empty (XLM builds one even
+    with `use_cache=False`) concatenates an empty past to each k and v, which
+    would read as a computation between the projection and QK^T. The empty
+    operands, left unused, go too."""
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.cat.default:
+            continue
+        parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+        kept = [a for a in parts if not _empty_part(a, dim)]
+        if len(kept) == 1 and len(parts) > 1 and kept[0].meta.get("val") is not None \
+                and kept[0].meta["val"].shape == node.meta["val"].shape:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and _empty_part(node, 0):
+            graph.erase_node(node)
+
+
+def _empty_part(node, dim: int) -> bool:
+    """Whether `node` is a tensor of static size 0 along `dim` -- or a 1-d [0],
+    which `cat` skips whatever the dim."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        return False
+    s = v.shape
+    if len(s) == 1 and isinstance(s[0], int) and s[0] == 0:
+        return True
+    return -len(s) <= dim < len(s) and isinstance(s[dim], int) and s[dim] == 0
 
 
 def has_mask_input(gm: fx.GraphModule) -> bool:
@@ -306,13 +339,17 @@ class CaptureInfo:
     "per-length" (sequence length static: one export per length, made on first
     use and cached). seq_range / batch_range: the lengths and batch sizes the
     graph is valid for (inclusive; None = unbounded); `attempts` lists the
-    methods that failed before, with their error."""
+    methods that failed before, with their error. `pad_masked`: the pad token id
+    where the model, given no attention mask, masks its pad tokens itself (the
+    graph takes the mask as an input, so a call without one that holds pad
+    tokens is refused: see `HookedModel._padding_mask`)."""
 
     method: str
     input_name: str
     seq_range: tuple
     batch_range: tuple
     attempts: list
+    pad_masked: int | None = None
 
     def covers(self, batch: int, seq: int) -> bool:
         inside = lambda x, r: r[0] <= x and (r[1] is None or x <= r[1])  # noqa: E731
@@ -500,13 +537,33 @@ def export_program(model, n_ctx: int, seq_len: int | None = None, batch: int | N
         if method != "per-length" and seq_range[0] == seq_range[1]:
             attempts.append((method, f"sequence length specialised to {seq_range[0]}"))
             continue
+        pad = _masks_pad_tokens(model, probe, {name: probe, **kwargs}) if from_mask and seq_len is None else None
         return functionalise(ep), CaptureInfo(method=method, input_name=name, seq_range=seq_range,
-                                              batch_range=batch_range, attempts=attempts)
+                                              batch_range=batch_range, attempts=attempts, pad_masked=pad)
     tried = "; ".join(f"{m}: {why}" for m, why in attempts)
     raise CaptureError(
         f"torch.export could not capture {type(model).__name__} ({tried}). fxlens needs a model "
         f"that torch.export can capture from its input ids"
         f"{'' if decoder else ' with dynamic batch and sequence length'}.")
+
+
+def _masks_pad_tokens(model, probe: torch.Tensor, inputs: dict) -> int | None:
+    """`config.pad_token_id` where the model, given no attention mask, masks its pad
+    tokens itself (XLM counts the tokens that are not pad_index and zeroes the
+    stream after them): on a probe whose last columns are pad tokens, its logits
+    with no mask differ from those with a mask of ones. The graph fxlens exports
+    takes the mask as an input and gives the ones-mask numbers without one."""
+    pad = getattr(model.config, "pad_token_id", None)
+    if not isinstance(pad, int) or any(p.is_meta for p in model.parameters()) \
+            or not 0 <= pad < model.get_input_embeddings().weight.shape[0]:
+        return None
+    ids = probe.clone()
+    ids[:, -2:] = pad
+    inputs = {k: (ids if v is probe else v) for k, v in inputs.items()}
+    with torch.no_grad(), _no_cache_config(model):
+        own = model(**inputs).logits
+        ones = model(**inputs, attention_mask=torch.ones_like(ids)).logits
+    return pad if not torch.equal(own, ones) else None
 
 
 def functionalise(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -345,6 +345,14 @@ class HookedModel(SAEMixin, TransformerLensMixin, AnalysisMixin, GenerateMixin, 
         """The mask to run `tokens` with: None where it masks nothing; refused with
         PaddingError where this model cannot run that padding exactly."""
         if attention_mask is None:
+            pad = getattr(self.capture_info, "pad_masked", None)
+            if pad is not None and bool((tokens == pad).any()):
+                raise PaddingError(
+                    f"the tokens hold the pad token ({pad}) and no attention_mask was given: "
+                    f"{self.cfg.model_name or 'this model'} masks its pad tokens itself then, and fxlens's "
+                    f"graph, which takes the mask as an input, would run them unmasked. Pass "
+                    f"attention_mask (1 for tokens, 0 for padding; for a right-padded batch, "
+                    f"tokens != {pad}), or attention_mask=torch.ones_like(tokens) to attend to them.")
             return None
         mask = torch.as_tensor(attention_mask, device=tokens.device)
         mask = mask.unsqueeze(0) if mask.dim() == 1 else mask
