@@ -234,10 +234,10 @@ REFUSED = {
     "diffllama": "differential attention",      # (softmax_1 - lambda * softmax_2) @ V
     "dory": "recurrent section reusing its layers",   # the same block module called per loop
     "xlnet": "a relative-position term",        # QK^T einsum plus a second einsum of the queries
-    # hyper-connections: [b, s, 4, d] between blocks (deepseek_v4 too: the sweep checks it; hy_v4
-    # captures in 22 s against its 35)
-    "hy_v4": "residual streams per position",
-    "gemma3n_text": "4 residual streams per position",   # AltUp: [4, b, s, d] predictions, one active
+    # several residual streams per position: AltUp's [4, b, s, d] predictions, one active (the
+    # same refusal as hyper-connections' [b, s, 4, d]: deepseek_v4 and hy_v4, which the sweep
+    # checks -- hy_v4's capture took 34-40 s of the suite)
+    "gemma3n_text": "4 residual streams per position",
     # a softmax over a [b, s, n, d] stack of earlier blocks' states makes each sublayer's input
     # (inkling2_loop_text has the same blocks: the sweep checks it)
     "inkling2_text": "block attention residuals: .* a learned mixture of earlier blocks' outputs",
