@@ -382,3 +382,13 @@ def test_a_block_the_forward_skips_is_an_empty_block():
     full = model.generate(ids[:1], max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False,
                           use_past_kv_cache=False)
     assert torch.equal(cached, full)
+
+
+def test_cat_with_an_empty_operand_leaves_a_viewable_tensor():
+    """GPT-NeoX-Japanese's rotary concatenates a permuted q/k with an empty
+    pass-through part (rotary_pct = 1) and then views the result. Dropping the empty
+    operand must keep the cat's fresh contiguous output, or the view fails at capture
+    (the type refused after the empty-cat rewrite landed for XLM, until this fix)."""
+    row = support_matrix.check_type("gpt_neox_japanese")
+    assert row["status"] == "pass", row["reason"]
+    assert row["processed"] == "pass", row["processed_reason"]

@@ -127,8 +127,11 @@ def _drop_empty_concats(graph: fx.Graph) -> None:
     """A `cat` with an operand of static size 0 along its dim is the other operand:
     a KV cache the forward makes for itself and starts empty (XLM builds one even
     with `use_cache=False`) concatenates an empty past to each k and v, which
-    would read as a computation between the projection and QK^T. The empty
-    operands, left unused, go too."""
+    would read as a computation between the projection and QK^T. The cat becomes
+    `contiguous` of that operand: its output is a fresh contiguous tensor, and a
+    `view` after it (GPT-NeoX-Japanese's rotary cat of a permuted q with an
+    empty pass-through part) fails on a permuted one. The empty operands, left
+    unused, go too."""
     for node in list(graph.nodes):
         if node.target is not torch.ops.aten.cat.default:
             continue
@@ -136,7 +139,10 @@ def _drop_empty_concats(graph: fx.Graph) -> None:
         kept = [a for a in parts if not _empty_part(a, dim)]
         if len(kept) == 1 and len(parts) > 1 and kept[0].meta.get("val") is not None \
                 and kept[0].meta["val"].shape == node.meta["val"].shape:
-            node.replace_all_uses_with(kept[0])
+            with graph.inserting_before(node):
+                dense = graph.call_function(torch.ops.aten.contiguous.default, (kept[0],))
+            dense.meta.update(node.meta)
+            node.replace_all_uses_with(dense)
             graph.erase_node(node)
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and not node.users and _empty_part(node, 0):
